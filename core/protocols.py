@@ -1,0 +1,47 @@
+"""The small contracts that reusable callbacks require of LightningModules.
+
+A callback checks its protocol in ``setup()`` with :func:`require_protocol`, which names every missing
+method. The callback owns the policy, schedule and state; the module owns the mechanism.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class SupportsTokenDropping(Protocol):
+    """A ViT-based module that can compute on a shrinking subset of patch tokens.
+
+    Used by ``callbacks.token_dropping.SparseTokenDropping``. Before each training step the callback
+    reads :meth:`token_schedule_step` and, at a prune event ``t``, calls :meth:`prepare_token_drop`
+    before step ``t - 1`` and :meth:`drop_patches` before step ``t``.
+    """
+
+    def token_schedule_step(self) -> int:
+        """Index of the coming training step in the dropping schedule (restarts at 0 with new inputs)."""
+        ...
+
+    def num_kept_patches(self) -> int:
+        """Patch tokens (prefix tokens excluded) the module currently computes on."""
+        ...
+
+    def prepare_token_drop(self) -> None:
+        """The coming step precedes a drop: record patch scores (e.g. without augmentation)."""
+        ...
+
+    def drop_patches(self, keep: int) -> None:
+        """From the coming step on, compute on only ``keep`` of the current patches."""
+        ...
+
+
+def require_protocol(obj: object, protocol: type, user: str) -> None:
+    """Raise a TypeError naming the methods of ``protocol`` that ``obj`` lacks (for ``user``)."""
+    if isinstance(obj, protocol):
+        return
+    wanted = [name for name in vars(protocol) if not name.startswith("_") and callable(getattr(protocol, name))]
+    missing = [name for name in wanted if not callable(getattr(obj, name, None))]
+    raise TypeError(
+        f"{type(obj).__name__} must implement {protocol.__name__} to be used with {user}; "
+        f"missing method(s): {', '.join(missing)}"
+    )

@@ -1,0 +1,311 @@
+"""Sparse Model Inversion (SMI): invert a frozen ViT teacher into images, dropping background tokens.
+
+Hu, Wei, Shen, Wang, Li, Yuan, Tao. "Sparse Model Inversion: Efficient Inversion of Vision Transformers
+for Data-Free Applications", ICML 2024 (arXiv:2510.27186).
+
+Idea. DeepInversion-style inversion optimises a batch of images so that a frozen classifier assigns
+them chosen labels, with image priors keeping them natural. For a ViT most of that compute is spent on
+background patches that the classifier barely attends to. SMI periodically ranks the patch tokens by
+the last block's CLS attention and stops computing on the lowest ones, so that later iterations run
+the transformer on ~a quarter of the tokens ("hallucinated" background stops being optimised too).
+The schedule lives in ``callbacks.token_dropping.SparseTokenDropping``; without that callback this
+module is the dense DeepInversion baseline ("DMI").
+
+Equations -> code:
+    L = CE(f(aug(x)), y) + a_tv2 TV_l2(x) + a_tv1 TV_l1(x) + a_l2 ||x||_2 + a_bn R_BN(x)   -> ``_loss``
+    token scores s_j = mean_h A^L_{h,CLS,j}                      -> ``core.vit_tokens.cls_attention``
+    K_i = int(K_{i-1} * keep_ratio)                              -> ``SparseTokenDropping``
+    jitter/flip remapping of kept patch positions                -> ``core.vit_tokens.remap_rolled_flipped``
+
+Run: ``python train.py fit --config configs/smi/demo.yaml``.
+
+Distributed: the image batch is one parameter replicated on every rank; rank r optimises rows
+``[r*b, (r+1)*b)`` (each rank inverts its own images with its own jitter). Its loss is scaled by the
+world size so that DDP's gradient average equals the rank's own gradient, every rank applies the same
+Adam update to the whole tensor, and kept-patch indices are all-gathered, so the state is identical
+everywhere and a checkpoint from rank 0 is complete.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from core import vit_tokens
+from core.bn_stats import BatchNormStatsPrior
+from core.image_priors import clamp_to_pixel_range, random_roll_flip, total_variation_l1, total_variation_l2
+from core.inverted_images import save_inverted_batch
+from core.resumable_range import ResumableRange
+from core.timm_models import create_model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SMIModule(L.LightningModule):
+    """Model inversion of a frozen timm teacher; sparse when ``SparseTokenDropping`` is attached.
+
+    Args:
+        teacher: timm model name of the frozen teacher (a ViT/DeiT for the sparse path; a CNN such as
+            ``resnet50`` works for the dense baseline, optionally with the BN prior).
+        teacher_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``,
+            ``num_classes``, ``in_chans``, ``embed_dim``, ``depth``, ``num_heads``...).
+        teacher_checkpoint: local weights for the teacher (safetensors, ``.pth`` or Lightning ``.ckpt``).
+        pretrained: load timm's pretrained weights (must be in the local cache when offline).
+        batch_size: images inverted together (the global batch; split across DDP ranks).
+        num_batches: how many batches to invert one after another.
+        iterations: optimisation steps per batch (paper: 4000).
+        lr: Adam learning rate on the pixels (paper: 0.25, constant).
+        betas: Adam betas (paper: (0.5, 0.99)).
+        ce_weight: weight of the cross-entropy to the target labels.
+        tv_l2_weight: weight of the l2 total variation (paper scripts: 1e-4).
+        tv_l1_weight: weight of the l1 total variation (paper: 0).
+        l2_weight: weight of the image l2 norm (paper: 0).
+        bn_weight: weight of DeepInversion's BatchNorm-statistics prior (CNN teachers only; paper: 0).
+        first_bn_multiplier: extra weight of the first BatchNorm layer in that prior.
+        jitter: maximal random roll in pixels (default: image size // 8, i.e. 28 px at 224).
+        flip: random horizontal flips.
+        mean: per-channel normalisation mean of the teacher's inputs.
+        std: per-channel normalisation std of the teacher's inputs.
+        labels: target labels per batch: ``random`` (uniform, sorted, as the release) or ``balanced``.
+        return_images: ``best`` returns the lowest-loss iterate; ``last`` reproduces the release, whose
+            best-image tracking aliases the live tensor and so returns the last iterate.
+        final_mask: ``tracked`` keeps the patches the inversion actually computed on; ``reselect``
+            re-ranks them by a dense forward on the final images (release behaviour; same count).
+        output_dir: where ``batch_XXXX.pt`` and ``.png`` go (default: ``<run dir>/inverted``).
+        seed: seed of initial images, labels and augmentation (combined with batch, step and rank).
+    """
+
+    def __init__(
+        self,
+        teacher: str = "deit_tiny_patch16_224",
+        teacher_kwargs: dict[str, Any] | None = None,
+        teacher_checkpoint: str | None = None,
+        pretrained: bool = False,
+        batch_size: int = 32,
+        num_batches: int = 1,
+        iterations: int = 4000,
+        lr: float = 0.25,
+        betas: tuple[float, float] = (0.5, 0.99),
+        ce_weight: float = 1.0,
+        tv_l2_weight: float = 1e-4,
+        tv_l1_weight: float = 0.0,
+        l2_weight: float = 0.0,
+        bn_weight: float = 0.0,
+        first_bn_multiplier: float = 10.0,
+        jitter: int | None = None,
+        flip: bool = True,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        labels: Literal["random", "balanced"] = "random",
+        return_images: Literal["best", "last"] = "best",
+        final_mask: Literal["tracked", "reselect"] = "tracked",
+        output_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        if iterations < 1 or batch_size < 1 or num_batches < 1:
+            raise ValueError("model.init_args.iterations, batch_size and num_batches must be positive")
+        self.automatic_optimization = False
+        self.teacher = create_model(
+            teacher, pretrained, teacher_checkpoint, teacher_kwargs, key="model.init_args.teacher"
+        ).eval()
+        self.teacher.requires_grad_(False)
+        cfg = self.teacher.pretrained_cfg if hasattr(self.teacher, "pretrained_cfg") else {}
+        chans = getattr(self.teacher, "in_chans", None) or cfg.get("input_size", (3,))[0]
+        size = self._image_size(teacher_kwargs or {}, cfg)
+        if len(mean) != chans or len(std) != chans:
+            raise ValueError(f"model.init_args.mean/std need {chans} values for this teacher, got {len(mean)}/{len(std)}")
+        if bn_weight > 0 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in self.teacher.modules()):
+            raise ValueError("model.init_args.bn_weight > 0 needs a CNN teacher with BatchNorm2d layers")
+        self.num_classes = self.teacher.num_classes
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)
+        self.register_buffer("std", torch.tensor(std), persistent=False)
+        self.images = torch.nn.Parameter(torch.zeros(batch_size, chans, size, size))
+        self.register_buffer("labels", torch.zeros(batch_size, dtype=torch.long))
+        self.register_buffer("best_images", torch.zeros(batch_size, chans, size, size))
+        self.register_buffer("best_loss", torch.full((batch_size,), math.inf))
+        n = self._num_patches()
+        self.register_buffer("kept_index", torch.arange(n).repeat(batch_size, 1))
+        self.register_buffer("best_kept_index", self.kept_index.clone())
+        self._augment_next, self._record_scores_next = True, False
+        self._scores: Tensor | None = None
+
+    # ----------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _image_size(kwargs: dict[str, Any], cfg: dict[str, Any]) -> int:
+        size = kwargs.get("img_size", cfg.get("input_size", (3, 224, 224))[-1])
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def _is_vit(self) -> bool:
+        return isinstance(self.teacher, vit_tokens.VisionTransformer)
+
+    def _num_patches(self) -> int:
+        if not self._is_vit():
+            return 1  # a CNN has no tokens; the dense path never reads the index
+        rows, cols = vit_tokens.grid_size(self.teacher)
+        return rows * cols
+
+    def train(self, mode: bool = True) -> SMIModule:
+        super().train(mode)
+        self.teacher.eval()  # frozen: BN statistics and dropout stay in inference mode
+        return self
+
+    def train_dataloader(self) -> ResumableRange:
+        return ResumableRange(self.hparams.num_batches * self.hparams.iterations)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.images], lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+
+    def setup(self, stage: str) -> None:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if self.hparams.batch_size % world:
+            raise ValueError(f"model.init_args.batch_size ({self.hparams.batch_size}) must divide by the {world} processes")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The kept-index buffers shrink during inversion: resize them before the state dict loads.
+        for name in ("kept_index", "best_kept_index"):
+            setattr(self, name, torch.empty_like(checkpoint["state_dict"][name]))
+
+    # ------------------------------------------------------------------ SupportsTokenDropping
+    def _require_vit(self) -> None:
+        vit_tokens.require_vit(self.teacher, "model.init_args.teacher")
+
+    def token_schedule_step(self) -> int:
+        return self.global_step % self.hparams.iterations
+
+    def num_kept_patches(self) -> int:
+        self._require_vit()
+        return self.kept_index.shape[1]
+
+    def prepare_token_drop(self) -> None:
+        self._require_vit()
+        self._augment_next, self._record_scores_next = False, True
+
+    def drop_patches(self, keep: int) -> None:
+        self._require_vit()
+        if self._scores is None:
+            raise RuntimeError("drop_patches needs the patch scores of the previous step (call prepare_token_drop first)")
+        mine = vit_tokens.top_patches(self._scores, keep, self.kept_index[self._rows()])
+        self.kept_index = self._gather_rows(mine)
+        self._scores, self._augment_next = None, False
+
+    # ------------------------------------------------------------------------------- training
+    def _rows(self) -> slice:
+        """The image rows this process optimises."""
+        per_rank = self.hparams.batch_size // self.trainer.world_size
+        return slice(self.global_rank * per_rank, (self.global_rank + 1) * per_rank)
+
+    def _gather_rows(self, mine: Tensor) -> Tensor:
+        if self.trainer.world_size == 1:
+            return mine
+        return self.all_gather(mine).flatten(0, 1)
+
+    def _generator(self, *salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.hparams.seed, *salt)) % (2**63))
+
+    def _start_batch(self, batch_id: int) -> None:
+        """Fresh images ~ N(0, I) in normalised space, fresh targets, fresh Adam state, all patches."""
+        gen = self._generator(batch_id)
+        b, k = self.hparams.batch_size, self.num_classes
+        with torch.no_grad():
+            self.images.copy_(torch.randn(self.images.shape, generator=gen))
+            clamp_to_pixel_range(self.images, self.mean, self.std)
+        if self.hparams.labels == "balanced":
+            labels = torch.arange(b) % k
+        else:
+            labels = torch.randint(k, (b,), generator=gen)
+        self.labels = labels.sort().values.to(self.device)
+        self.kept_index = torch.arange(self._num_patches(), device=self.device).repeat(b, 1)
+        self.best_loss.fill_(math.inf)
+        self.optimizers().optimizer.state.clear()
+        self._augment_next, self._record_scores_next, self._scores = True, False, None
+
+    def _forward(self, x: Tensor, kept: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Teacher logits on ``x`` (kept tokens only for ViTs), optional scores, BN prior term."""
+        bn = x.new_zeros(())
+        if not self._is_vit():
+            if self.hparams.bn_weight > 0:
+                with BatchNormStatsPrior(self.teacher, self.hparams.first_bn_multiplier) as prior:
+                    logits = self.teacher(x)
+                return logits, None, prior.loss()
+            return self.teacher(x), None, bn
+        dense = kept.shape[1] == self._num_patches()
+        logits, scores = vit_tokens.forward_kept(
+            self.teacher, x, None if dense else kept, return_cls_attention=self._record_scores_next
+        )
+        return logits, scores, bn
+
+    def training_step(self, step: int, batch_idx: int) -> Tensor:
+        hp = self.hparams
+        batch_id, it = divmod(int(step), hp.iterations)
+        if it == 0:
+            self._start_batch(batch_id)
+        rows, opt = self._rows(), self.optimizers()
+        x, y, kept = self.images[rows], self.labels[rows], self.kept_index[rows]
+        x_in = x
+        if self._augment_next:
+            jitter = hp.jitter if hp.jitter is not None else x.shape[-1] // 8
+            x_in, shift, flipped = random_roll_flip(x, jitter, hp.flip, self._generator(batch_id, it, self.global_rank))
+            if self._is_vit() and kept.shape[1] < self._num_patches():
+                p = self.teacher.patch_embed.patch_size[0]
+                kept = vit_tokens.remap_rolled_flipped(kept, vit_tokens.grid_size(self.teacher), p, shift, flipped)
+        logits, scores, bn = self._forward(x_in, kept)
+        ce = F.cross_entropy(logits, y)
+        loss = (  # Eq. (1) of DeepInversion with SMI's defaults: CE + 1e-4 TV_l2
+            hp.ce_weight * ce
+            + hp.tv_l2_weight * total_variation_l2(x)
+            + hp.tv_l1_weight * total_variation_l1(x)
+            + hp.l2_weight * x.norm()
+            + hp.bn_weight * bn
+        )
+        opt.zero_grad()
+        self.manual_backward(loss * self.trainer.world_size)  # DDP averages; see the module docstring
+        opt.step()
+        with torch.no_grad():
+            clamp_to_pixel_range(self.images, self.mean, self.std)
+        if scores is not None:
+            self._scores = scores
+        self._track_best(loss.detach(), rows)
+        self._augment_next, self._record_scores_next = True, False
+        acc = (logits.argmax(-1) == y).float().mean()
+        self.log_dict({"train/loss": loss.detach(), "train/loss_ce": ce.detach(), "train/acc": acc}, prog_bar=True)
+        if it == hp.iterations - 1:
+            self._finish_batch(batch_id, rows)
+        return loss.detach()
+
+    @torch.no_grad()
+    def _track_best(self, loss: Tensor, rows: slice) -> None:
+        # The release's `best_inputs = inputs.data` aliases the live tensor; a copy fixes that.
+        if loss < self.best_loss[rows][0]:
+            self.best_loss[rows] = loss
+            self.best_images[rows] = self.images[rows]
+            self.best_kept_index = self.kept_index.clone()
+
+    @torch.no_grad()
+    def _finish_batch(self, batch_id: int, rows: slice) -> None:
+        """De-normalise the returned images, mask dropped patches and write them (rank 0)."""
+        use_best = self.hparams.return_images == "best" and torch.isfinite(self.best_loss[rows][0])
+        x = (self.best_images if use_best else self.images)[rows]
+        kept = (self.best_kept_index if use_best else self.kept_index)[rows]
+        if self._is_vit() and self.hparams.final_mask == "reselect":
+            _, scores = vit_tokens.forward_kept(self.teacher, x, None, return_cls_attention=True)
+            kept = vit_tokens.top_patches(scores, kept.shape[1])
+        pixels = x * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1)
+        pixels, kept, labels = self._gather_rows(pixels), self._gather_rows(kept), self.labels
+        if self.global_rank != 0:
+            return
+        out = Path(self.hparams.output_dir or Path(self.trainer.log_dir or ".") / "inverted")
+        patch = self.teacher.patch_embed.patch_size[0] if self._is_vit() else 1
+        grid = vit_tokens.grid_size(self.teacher) if self._is_vit() else (1, 1)
+        png = save_inverted_batch(out / f"batch_{batch_id:04d}", pixels, labels, kept, grid, patch)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="inverted", images=[str(png)], step=self.global_step)

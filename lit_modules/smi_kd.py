@@ -1,0 +1,129 @@
+"""Data-free knowledge transfer from inverted images (the SMI paper's downstream task 2).
+
+Hu et al., ICML 2024, Sec. 5 (code: ``test_kt.py`` of the release): a student learns from the
+teacher's soft labels on images inverted from that teacher, and is evaluated on real held-out data.
+Both networks run on the sparse token set each inverted image was synthesised with, so sparse images
+cost less to distil from as well.
+
+    L_KD = T^2 KL(softmax(f_t(x) / T) || softmax(f_s(x) / T)),  T = 20     -> ``core.kd.kd_kl_div``
+
+The paper's student is an ImageNet-pretrained DeiT whose backbone is frozen (linear probe,
+``linear_probe: true``) with SGD 0.1 / momentum 0.9 / wd 1e-4. Offline there are no pretrained ViTs,
+so the demo trains a small student from scratch (``linear_probe: false``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor
+
+from core import vit_tokens
+from core.kd import kd_kl_div
+from core.timm_models import create_model
+
+
+class SMIDistillationModule(L.LightningModule):
+    """Distil a frozen teacher into a student on inverted images; evaluate on real data.
+
+    Args:
+        teacher: timm model name of the teacher that was inverted.
+        teacher_kwargs: ``timm.create_model`` arguments of the teacher.
+        teacher_checkpoint: local weights of the teacher.
+        pretrained_teacher: load timm's pretrained teacher weights instead.
+        student: timm model name of the student.
+        student_kwargs: ``timm.create_model`` arguments of the student (``num_classes`` must match).
+        student_checkpoint: local weights to start the student from.
+        pretrained_student: start the student from timm's pretrained weights (paper: ImageNet DeiT).
+        linear_probe: train only the student's classifier head on a freshly reset head (paper).
+        temperature: distillation temperature T (paper: 20).
+        lr: SGD learning rate (paper: 0.1, constant).
+        momentum: SGD momentum (paper: 0.9).
+        weight_decay: SGD weight decay (paper: 1e-4).
+        sparse_tokens: run teacher and student on each image's kept patches (paper); ``false`` feeds
+            the masked images densely.
+    """
+
+    def __init__(
+        self,
+        teacher: str = "deit_tiny_patch16_224",
+        teacher_kwargs: dict[str, Any] | None = None,
+        teacher_checkpoint: str | None = None,
+        pretrained_teacher: bool = False,
+        student: str = "deit_tiny_patch16_224",
+        student_kwargs: dict[str, Any] | None = None,
+        student_checkpoint: str | None = None,
+        pretrained_student: bool = False,
+        linear_probe: bool = True,
+        temperature: float = 20.0,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        sparse_tokens: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.teacher = create_model(
+            teacher, pretrained_teacher, teacher_checkpoint, teacher_kwargs, key="model.init_args.teacher"
+        ).eval()
+        self.teacher.requires_grad_(False)
+        self.student = create_model(
+            student, pretrained_student, student_checkpoint, student_kwargs, key="model.init_args.student"
+        )
+        if self.student.num_classes != self.teacher.num_classes:
+            raise ValueError(
+                f"model.init_args.student_kwargs.num_classes ({self.student.num_classes}) must equal the "
+                f"teacher's ({self.teacher.num_classes})"
+            )
+        if linear_probe:
+            self.student.requires_grad_(False)
+            self.student.reset_classifier(self.teacher.num_classes)  # fresh head, trainable
+        if sparse_tokens:
+            vit_tokens.require_vit(self.teacher, "model.init_args.teacher (sparse_tokens: true)")
+            vit_tokens.require_vit(self.student, "model.init_args.student (sparse_tokens: true)")
+        self.acc = torch.nn.ModuleDict({
+            split: torchmetrics.Accuracy(task="multiclass", num_classes=self.teacher.num_classes)
+            for split in ("val", "test")
+        })
+
+    def train(self, mode: bool = True) -> SMIDistillationModule:
+        super().train(mode)
+        self.teacher.eval()
+        if self.hparams.linear_probe:
+            self.student.eval()  # frozen backbone: no dropout / stochastic depth
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.student(images)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        mask = batch.get("keep_mask") if self.hparams.sparse_tokens else None
+        with torch.no_grad():
+            teacher_logits = vit_tokens.forward_masked(self.teacher, batch["image"], mask)
+        student_logits = vit_tokens.forward_masked(self.student, batch["image"], mask)
+        loss = kd_kl_div(student_logits, teacher_logits, self.hparams.temperature)
+        agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
+        self.log_dict({"train/loss_kd": loss, "train/teacher_agreement": agree}, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, Tensor], split: str) -> None:
+        logits = self.student(batch["image"])
+        self.acc[split](logits, batch["label"])
+        self.log_dict(
+            {f"{split}/loss": F.cross_entropy(logits, batch["label"]), f"{split}/acc": self.acc[split]}, prog_bar=True
+        )
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=self.hparams.lr, momentum=self.hparams.momentum,
+                               weight_decay=self.hparams.weight_decay)
