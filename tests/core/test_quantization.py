@@ -143,7 +143,7 @@ def test_token_subset_piecewise_forward(vit, images):
     qmodel = quantize_vit(vit, 8, 8)
     g = torch.Generator().manual_seed(2)
     cls = torch.zeros(1, dtype=torch.long)  # token 0 (CLS) always kept, 6 of 16 patches per image
-    subset = torch.stack([torch.cat([cls, 1 + torch.randperm(16, generator=g)[:6]]) for _ in range(len(calib))])
+    subset = torch.stack([torch.cat([cls, 1 + torch.randperm(16, generator=g)[:6]]) for _ in calib])
     with torch.no_grad(), calibration(qmodel):  # calibration on per-image token subsets works too
         _piecewise(qmodel, calib, subset)
     assert all(m.calibrated for m in qmodel.modules() if isinstance(m, QuantAct))
