@@ -86,7 +86,7 @@ class SMIDistillationModule(L.LightningModule):
             vit_tokens.require_vit(self.teacher, "model.init_args.teacher (sparse_tokens: true)")
             vit_tokens.require_vit(self.student, "model.init_args.student (sparse_tokens: true)")
         self.acc = torch.nn.ModuleDict({
-            split: torchmetrics.Accuracy(task="multiclass", num_classes=self.teacher.num_classes)
+            f"{split}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.teacher.num_classes)
             for split in ("val", "test")
         })
 
@@ -112,9 +112,9 @@ class SMIDistillationModule(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, Tensor], split: str) -> None:
         logits = self.student(batch["image"])
-        self.acc[split](logits, batch["label"])
+        self.acc[f"{split}_acc"](logits, batch["label"])
         self.log_dict(
-            {f"{split}/loss": F.cross_entropy(logits, batch["label"]), f"{split}/acc": self.acc[split]}, prog_bar=True
+            {f"{split}/loss": F.cross_entropy(logits, batch["label"]), f"{split}/acc": self.acc[f"{split}_acc"]}, prog_bar=True
         )
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

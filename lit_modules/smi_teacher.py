@@ -54,7 +54,7 @@ class ClassifierModule(L.LightningModule):
         self.model = create_model(model, pretrained, checkpoint, model_kwargs, key="model.init_args.model")
         num_classes = self.model.num_classes
         self.acc = torch.nn.ModuleDict({
-            split: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for split in ("train", "val", "test")
+            f"{split}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for split in ("train", "val", "test")
         })
 
     def forward(self, images: Tensor) -> Tensor:
@@ -63,8 +63,8 @@ class ClassifierModule(L.LightningModule):
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
-        self.acc[split](logits, batch["label"])
-        self.log_dict({f"{split}/loss": loss, f"{split}/acc": self.acc[split]}, prog_bar=True)
+        self.acc[f"{split}_acc"](logits, batch["label"])
+        self.log_dict({f"{split}/loss": loss, f"{split}/acc": self.acc[f"{split}_acc"]}, prog_bar=True)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

