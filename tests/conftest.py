@@ -41,7 +41,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _isolated_run_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """W&B and Lightning files of every test go under its tmp_path; argv carries no pytest flags."""
+    """Every test runs in its tmp_path (Lightning's default run dirs, W&B files); argv has no pytest flags.
+
+    Tests therefore name repository files by absolute path (``REPO / "configs" / ...``).
+    """
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["train.py"])
 
