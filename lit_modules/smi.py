@@ -137,6 +137,7 @@ class SMIModule(L.LightningModule):
         self.register_buffer("best_kept_index", self.kept_index.clone())
         self._augment_next, self._record_scores_next = True, False
         self._scores: Tensor | None = None
+        self.register_load_state_dict_pre_hook(self._resize_kept_buffers)
 
     # ----------------------------------------------------------------------------------- setup
     @staticmethod
@@ -169,10 +170,18 @@ class SMIModule(L.LightningModule):
         if self.hparams.batch_size % world:
             raise ValueError(f"model.init_args.batch_size ({self.hparams.batch_size}) must divide by the {world} processes")
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The kept-index buffers shrink during inversion: resize them before the state dict loads.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Scores recorded for a drop at the next step must survive a checkpoint between the two.
+        checkpoint["smi_pending_scores"] = self._scores
+
+    def _resize_kept_buffers(self, _module: Any, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        # The kept-index buffers shrink during inversion: take the saved shape before loading.
         for name in ("kept_index", "best_kept_index"):
-            setattr(self, name, torch.empty_like(checkpoint["state_dict"][name]))
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.device))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._scores = checkpoint.get("smi_pending_scores")
 
     # ------------------------------------------------------------------ SupportsTokenDropping
     def _require_vit(self) -> None:
@@ -193,7 +202,8 @@ class SMIModule(L.LightningModule):
         self._require_vit()
         if self._scores is None:
             raise RuntimeError("drop_patches needs the patch scores of the previous step (call prepare_token_drop first)")
-        mine = vit_tokens.top_patches(self._scores, keep, self.kept_index[self._rows()])
+        rows = self._rows()
+        mine = vit_tokens.top_patches(self._scores[rows], keep, self.kept_index[rows])
         self.kept_index = self._gather_rows(mine)
         self._scores, self._augment_next = None, False
 
@@ -272,7 +282,7 @@ class SMIModule(L.LightningModule):
         with torch.no_grad():
             clamp_to_pixel_range(self.images, self.mean, self.std)
         if scores is not None:
-            self._scores = scores
+            self._scores = self._gather_rows(scores)  # every rank (and a checkpoint) holds all rows
         self._track_best(loss.detach(), rows)
         self._augment_next, self._record_scores_next = True, False
         acc = (logits.argmax(-1) == y).float().mean()
