@@ -85,10 +85,17 @@ class SMIQuantizationModule(L.LightningModule):
             vit_tokens.forward_masked(self.quantized, batch["image"], mask)
         self.log("train/calibration_images", float(len(batch["image"])), reduce_fx="sum", on_step=False, on_epoch=True)
 
-    def on_train_epoch_end(self) -> None:
+    def _freeze_ranges(self) -> None:
         if self._calibrating is not None:
             self._calibrating.__exit__(None, None, None)  # freeze (and all-reduce) the ranges
             self._calibrating = None
+
+    def on_validation_epoch_start(self) -> None:
+        # Lightning validates before on_train_epoch_end: real held-out images must never widen ranges.
+        self._freeze_ranges()
+
+    def on_train_epoch_end(self) -> None:
+        self._freeze_ranges()
 
     def _evaluate(self, batch: dict[str, Tensor], split: str) -> None:
         metrics = {}
