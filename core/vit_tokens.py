@@ -16,6 +16,7 @@ on the row-major patch grid, i.e. without the prefix tokens.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -42,6 +43,41 @@ def embed_tokens(model: VisionTransformer, images: Tensor) -> Tensor:
     tokens = model._pos_embed(tokens)
     tokens = model.patch_drop(tokens)
     return model.norm_pre(tokens)
+
+
+def _linear_patch_projection(model: VisionTransformer) -> nn.Conv2d | None:
+    """The patch-embedding conv when it is a plain linear map of non-overlapping patches, else None."""
+    proj = getattr(model.patch_embed, "proj", None)
+    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding != (0, 0):
+        return None
+    if model.dynamic_img_size or getattr(model.patch_embed, "dynamic_img_pad", False):
+        return None
+    if model.training and getattr(model.pos_drop, "p", 0.0) > 0:
+        return None  # dropout must act on the sum of patch and position embeddings
+    return proj
+
+
+def embed_kept_tokens(model: VisionTransformer, images: Tensor, keep_index: Tensor) -> Tensor:
+    """Prefix tokens plus the kept patch tokens, with position embeddings: (B, prefix + K, D).
+
+    Equal to ``gather_patches(embed_tokens(...))``, but a plain conv patch embedding is applied to the
+    kept patches only (as a linear map of the unfolded pixels), so it shrinks with the token count.
+    """
+    proj = _linear_patch_projection(model)
+    if proj is None:
+        return gather_patches(embed_tokens(model, images), keep_index, model.num_prefix_tokens)
+    batch, chans, height, width = images.shape
+    ph, pw = proj.kernel_size
+    rows, cols = height // ph, width // pw
+    patches = images.reshape(batch, chans, rows, ph, cols, pw).permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, -1)
+    kept = patches.gather(1, keep_index.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    tokens = model.patch_embed.norm(F.linear(kept, proj.weight.flatten(1), proj.bias))
+    # _pos_embed of all-zero patch tokens yields the prefix tokens and the bare position embeddings.
+    base = model._pos_embed(tokens.new_zeros(batch, rows * cols, tokens.shape[-1]))
+    base = gather_patches(base, keep_index, model.num_prefix_tokens)
+    prefix = model.num_prefix_tokens
+    tokens = torch.cat([base[:, :prefix], base[:, prefix:] + tokens], dim=1)
+    return model.norm_pre(model.patch_drop(tokens))
 
 
 def gather_patches(tokens: Tensor, keep_index: Tensor, num_prefix_tokens: int) -> Tensor:
@@ -87,9 +123,7 @@ def forward_kept(
     Returns:
         ``(logits, scores)`` with ``scores`` None unless requested.
     """
-    tokens = embed_tokens(model, images)
-    if keep_index is not None:
-        tokens = gather_patches(tokens, keep_index, model.num_prefix_tokens)
+    tokens = embed_tokens(model, images) if keep_index is None else embed_kept_tokens(model, images, keep_index)
     *body, last = model.blocks
     for block in body:
         tokens = block(tokens)

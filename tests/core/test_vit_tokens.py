@@ -146,3 +146,17 @@ def test_non_vit_is_rejected_with_the_config_key() -> None:
     cnn = timm.create_model("resnet18", pretrained=False, num_classes=5)
     with pytest.raises(TypeError, match="model.init_args.teacher: sparse token computation needs a timm VisionTransformer"):
         vit_tokens.require_vit(cnn, "model.init_args.teacher")
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("vit_tiny_patch16_224", {}), ("deit_tiny_distilled_patch16_224", {}), ("vit_tiny_patch16_224", {"reg_tokens": 2}),
+     ("vit_tiny_patch16_224", {"no_embed_class": True}), ("vit_tiny_patch16_224", {"dynamic_img_size": True})],
+    ids=["cls", "cls+dist", "registers", "no_embed_class", "dynamic (fallback)"],
+)
+def test_kept_patch_embedding_equals_gathering_the_dense_embedding(name: str, kwargs: dict) -> None:
+    model = tiny_vit(name, **kwargs)
+    x, index = torch.randn(2, 3, 32, 32), random_index(2, 7)
+    dense = vit_tokens.gather_patches(vit_tokens.embed_tokens(model, x), index, model.num_prefix_tokens)
+    torch.testing.assert_close(vit_tokens.embed_kept_tokens(model, x, index), dense, rtol=1e-5, atol=1e-6)
+    assert (vit_tokens._linear_patch_projection(model) is None) == bool(kwargs.get("dynamic_img_size"))
