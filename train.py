@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
 
 # Logging stays local unless the user opts in (export WANDB_MODE=online); set before wandb is imported.
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
+from lightning.pytorch import LightningModule  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
 
 from callbacks.save_config import LoggerSaveConfigCallback  # noqa: E402
@@ -34,7 +38,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> LightningCLI:
     """
     return LightningCLI(
         LightningModule,
-        LightningDataModule,
+        None,  # any LightningDataModule subclass, and optional: some modules bring their own data
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
@@ -46,9 +50,27 @@ def cli_main(args: ArgsType = None, run: bool = True) -> LightningCLI:
     )
 
 
+def check_config_files(argv: Sequence[str]) -> None:
+    """Fail early, naming the file, when a ``--config`` file is missing or is not valid YAML."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            path = Path(argv[i + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        else:
+            continue
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config {path}: not valid YAML ({err})".replace("\n", " ")) from err
+
+
 def main() -> None:
     """Console entry point: configuration mistakes end in one readable line and exit code 2."""
     try:
+        check_config_files(sys.argv[1:])
         cli_main()
     except (FileNotFoundError, ValueError, TypeError) as err:
         if os.environ.get("LITZOO_DEBUG"):

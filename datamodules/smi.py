@@ -66,6 +66,28 @@ class _Normalised(Dataset):
         return {"image": self.transform(image), "label": torch.tensor(label)}
 
 
+class RandomShift(Dataset):
+    """Random translation by up to ``max_shift`` pixels per axis, uncovered pixels set to ``fill``.
+
+    Teachers trained with it tolerate the jitter that model inversion applies to its images.
+    """
+
+    def __init__(self, base: Dataset, max_shift: int, fill: Tensor) -> None:
+        self.base, self.max_shift, self.fill = base, max_shift, fill.view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        row = dict(self.base[i])
+        image, s = row["image"], self.max_shift
+        dy, dx = torch.randint(-s, s + 1, (2,)).tolist()
+        padded = self.fill.expand(image.shape[0], image.shape[1] + 2 * s, image.shape[2] + 2 * s).clone()
+        padded[:, s : s + image.shape[1], s : s + image.shape[2]] = image
+        row["image"] = padded[:, s + dy : s + dy + image.shape[1], s + dx : s + dx + image.shape[2]]
+        return row
+
+
 def stratified_split(labels: Tensor, sizes: tuple[int, int], seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """Indices (rest, first, second) with ``sizes`` drawn class-balanced by a seeded permutation."""
     gen = torch.Generator().manual_seed(seed)
@@ -102,6 +124,7 @@ class SMIDataModule(L.LightningDataModule):
         test_size: held-out test images of the offline sets (class-balanced).
         mean: normalisation mean (default: the dataset's, see ``NORMALISATION``).
         std: normalisation std (default: the dataset's).
+        max_shift: random translation (pixels) of the offline training images; 0 disables it.
         num_workers: DataLoader workers.
         seed: seed of the offline splits.
     """
@@ -120,6 +143,7 @@ class SMIDataModule(L.LightningDataModule):
         test_size: int = 1000,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        max_shift: int = 0,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -148,10 +172,14 @@ class SMIDataModule(L.LightningDataModule):
             images = F.interpolate(images, size=hp.image_size, mode="bilinear", antialias=True, align_corners=False)
         images = self._normalise(images.clamp(0, 1))
         train, val, test = stratified_split(labels, (hp.val_size, hp.test_size), hp.seed)
-        return {
+        splits: dict[str, Dataset] = {
             name: TensorDictDataset(image=images[idx], label=labels[idx])
             for name, idx in (("train", train), ("val", val), ("test", test))
         }
+        if hp.max_shift:
+            background = self._normalise(torch.zeros(1, len(self.mean), 1, 1)).flatten()
+            splits["train"] = RandomShift(splits["train"], hp.max_shift, background)
+        return splits
 
     def _torchvision_splits(self) -> dict[str, Dataset]:
         from torchvision import datasets, transforms
