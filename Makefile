@@ -31,6 +31,7 @@ lint: $(STAMP)
 # SMI end to end on real MNIST-5k: teacher -> sparse inversion -> knowledge transfer -> W4/A8 PTQ.
 demo: $(STAMP)
 	test -f $(DEMO)/teacher.safetensors || $(PY) train.py fit --config configs/smi/demo_teacher.yaml
+	test -f $(DEMO)/student.safetensors || $(PY) train.py fit --config configs/smi/demo_student.yaml
 	$(PY) train.py fit --config configs/smi/demo.yaml
 	$(PY) train.py fit --config configs/smi/demo_kd.yaml
 	$(PY) train.py test --config configs/smi/demo_kd.yaml --ckpt_path $(DEMO)/kd/last.ckpt

@@ -9,7 +9,8 @@ scaled in proportion to a shorter run. Reports images x iterations per second of
 (``speedup``) and the FLOP ratio implied by the kept-token counts (``flop_bound_speedup``).
 
 Quality: the demo teacher (configs/smi/demo_teacher.yaml, trained if missing) is inverted densely
-and sparsely with the same seeds; a student is distilled from each pool (knowledge transfer) and a
+and sparsely with the same seeds; a pre-trained student (demo_student.yaml) is linear-probed by
+distillation on each pool (knowledge transfer, as configs/smi/demo_kd.yaml) and a
 W4/A8 PSAQ quantiser is calibrated on 32 images of each, both evaluated on real held-out MNIST-5k.
 "Equal wall-clock" gives the sparse inversion the time the dense one took (more images).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -42,6 +44,7 @@ from lit_modules.smi_kd import SMIDistillationModule  # noqa: E402
 from lit_modules.smi_ptq import SMIQuantizationModule  # noqa: E402
 
 DEMO = REPO / "configs" / "smi"
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # keep the table readable
 PAPER_SCHEDULE, PAPER_ITERATIONS = (50, 100, 200, 300), 4000
 
 
@@ -107,16 +110,20 @@ def demo_config(name: str) -> dict:
     return yaml.safe_load((DEMO / name).read_text())
 
 
-def teacher_file() -> Path:
-    cfg = demo_config("demo_teacher.yaml")
-    path = REPO / cfg["model"]["init_args"]["export_path"]
+def stage_weights(config: str) -> Path:
+    """Weights exported by a demo training stage (the teacher or the student), trained if missing."""
+    path = REPO / demo_config(config)["model"]["init_args"]["export_path"]
     if not path.is_file():
         from train import cli_main
 
-        print("training the demo teacher (configs/smi/demo_teacher.yaml) ...")
+        print(f"training configs/smi/{config} ...")
         os.chdir(REPO)
-        cli_main(["fit", "--config", str(DEMO / "demo_teacher.yaml"), "--trainer.enable_progress_bar=false"])
+        cli_main(["fit", "--config", str(DEMO / config), "--trainer.enable_progress_bar=false"])
     return path
+
+
+def teacher_file() -> Path:
+    return stage_weights("demo_teacher.yaml")
 
 
 def data(pool: Path | None, budget: int | None = None, seed: int = 0, **kwargs) -> SMIDataModule:
@@ -128,7 +135,8 @@ def data(pool: Path | None, budget: int | None = None, seed: int = 0, **kwargs) 
 
 def distil(pool: Path, budget: int, seed: int, epochs: int) -> float:
     L.seed_everything(seed, verbose=False)
-    args = {**demo_config("demo_kd.yaml")["model"]["init_args"], "teacher_checkpoint": str(teacher_file())}
+    args = {**demo_config("demo_kd.yaml")["model"]["init_args"], "teacher_checkpoint": str(teacher_file()),
+            "student_checkpoint": str(stage_weights("demo_student.yaml"))}
     module = SMIDistillationModule(**args)
     fit = trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0)
     dm = data(pool, budget)
