@@ -85,7 +85,7 @@ def flop_bound(iterations: int, prune: list[int], patches: int, **geometry) -> f
 
 
 def speed(quick: bool, tmp: Path) -> dict:
-    iterations, batch = (80, 2) if quick else (800, 8)
+    iterations, batch = (80, 2) if quick else (600, 16)
     prune = [2, 4, 6, 8] if quick else scaled_schedule(iterations)
     args = dict(teacher="vit_tiny_patch16_224", teacher_kwargs={"num_classes": 1000}, batch_size=batch,
                 iterations=iterations, seed=0)

@@ -16,6 +16,7 @@ Batches are dicts: ``image`` (B, C, H, W) normalised, ``label`` (B,), and for in
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -70,6 +71,11 @@ class RandomShift(Dataset):
     """Random translation by up to ``max_shift`` pixels per axis, uncovered pixels set to ``fill``.
 
     Teachers trained with it tolerate the jitter that model inversion applies to its images.
+
+    Args:
+        base: dataset of dicts with an ``image`` (C, H, W).
+        max_shift: largest shift in pixels along each axis.
+        fill: per-channel value of the uncovered pixels (the normalised background).
     """
 
     def __init__(self, base: Dataset, max_shift: int, fill: Tensor) -> None:
@@ -153,6 +159,8 @@ class SMIDataModule(L.LightningDataModule):
             raise ValueError("data.init_args.inverted_dir is required when train_source is 'inverted'")
         if dataset in ("cifar10", "cifar100", "imagenet") and not root:
             raise ValueError(f"data.init_args.root must point to a local {dataset} copy (no downloads)")
+        if root and not Path(root).is_dir():
+            raise FileNotFoundError(f"data.init_args.root: no {dataset} at {root}; point it to a local copy")
         default_mean, default_std = NORMALISATION[dataset]
         self.mean = tuple(mean or default_mean)
         self.std = tuple(std or default_std)
