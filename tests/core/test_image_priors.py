@@ -29,6 +29,19 @@ def test_total_variation_matches_a_loop() -> None:
     assert total_variation_l2(torch.ones(1, 1, 4, 4)) == 0
 
 
+def test_total_variation_gradient_matches_autograd_of_the_naive_form() -> None:
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(total_variation_l2, (x,))
+    naive = sum(d.norm() for d in (x[..., :-1] - x[..., 1:], x[..., :-1, :] - x[..., 1:, :],
+                                   x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:]))
+    (expected,) = torch.autograd.grad(naive, x)
+    (got,) = torch.autograd.grad(total_variation_l2(x), x)
+    torch.testing.assert_close(got, expected)
+    flat = torch.ones(1, 1, 4, 4, requires_grad=True)
+    total_variation_l2(flat).backward()
+    assert torch.equal(flat.grad, torch.zeros_like(flat))  # subgradient 0 where a norm is 0
+
+
 def test_roll_flip_is_seeded_and_within_range() -> None:
     x = torch.arange(64.0).view(1, 1, 8, 8)
     outs = [random_roll_flip(x, 3, True, torch.Generator().manual_seed(7)) for _ in range(2)]
