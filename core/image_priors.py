@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 _ALL = slice(None)
 # (minuend, subtrahend) slices of the horizontal, vertical and the two diagonal neighbour differences
 _PAIRS = (
