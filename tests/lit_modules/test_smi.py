@@ -148,3 +148,16 @@ def test_bad_input_names_the_config_key(teacher_file, tmp_path) -> None:
         make(teacher_file, tmp_path, teacher="vit_nonexistent")
     with pytest.raises(ValueError, match="bn_weight > 0 needs a CNN teacher"):
         make(teacher_file, tmp_path, bn_weight=1.0)
+
+
+def test_inverted_images_are_logged_to_wandb(teacher_file, tmp_path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(project="litzoo-test", save_dir=str(tmp_path), offline=True)
+    module = make(teacher_file, tmp_path / "out", iterations=3)
+    trainer = L.Trainer(max_epochs=1, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(module)
+    logged = dict(logger.experiment.summary)["inverted"]
+    logger.experiment.finish()
+    assert logged["_type"] == "images/separated" and logged["count"] == 1
