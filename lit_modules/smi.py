@@ -166,7 +166,7 @@ class SMIModule(L.LightningModule):
         return torch.optim.Adam([self.images], lr=self.hparams.lr, betas=tuple(self.hparams.betas))
 
     def setup(self, stage: str) -> None:
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.trainer.world_size
         if self.hparams.batch_size % world:
             raise ValueError(f"model.init_args.batch_size ({self.hparams.batch_size}) must divide by the {world} processes")
 
