@@ -80,12 +80,13 @@ def test_ties_zero_sum_entries_take_the_majority_sign() -> None:
 
 
 def test_ties_per_tensor_top_k_differs_from_global() -> None:
-    pre = {"a": torch.zeros(2), "b": torch.zeros(2)}
-    e = {"a": T([10.0, 20.0]), "b": T([1.0, 2.0])}
-    global_ = merging.ties_merging(pre, [e], top_k=0.5, scaling=1.0)
-    per = merging.ties_merging(pre, [e], top_k=0.5, scaling=1.0, per_tensor=True)
-    assert torch.equal(global_["a"], T([10.0, 20.0])) and torch.equal(global_["b"], T([0.0, 0.0]))
-    assert torch.equal(per["a"], T([0.0, 20.0])) and torch.equal(per["b"], T([0.0, 2.0]))
+    pre = {"a": torch.zeros(4), "b": torch.zeros(4)}
+    e = {"a": T([10.0, 20.0, 30.0, 40.0]), "b": T([1.0, 2.0, 3.0, 4.0])}
+    # global, 8 entries: |x| >= the 6th smallest (20); per tensor, 4 entries: >= the 3rd smallest
+    global_ = merging.ties_merging(pre, [e], top_k=0.25, scaling=1.0)
+    per = merging.ties_merging(pre, [e], top_k=0.25, scaling=1.0, per_tensor=True)
+    assert torch.equal(global_["a"], T([0.0, 20.0, 30.0, 40.0])) and torch.equal(global_["b"], torch.zeros(4))
+    assert torch.equal(per["a"], T([0.0, 0.0, 30.0, 40.0])) and torch.equal(per["b"], T([0.0, 0.0, 3.0, 4.0]))
 
 
 def test_combine_task_and_layer_wise() -> None:
