@@ -45,3 +45,48 @@ def require_protocol(obj: object, protocol: type, user: str) -> None:
         f"{type(obj).__name__} must implement {protocol.__name__} to be used with {user}; "
         f"missing method(s): {', '.join(missing)}"
     )
+
+
+@runtime_checkable
+class TaskStream(Protocol):
+    """A datamodule serving a sequence of tasks inside one ``fit``: task ``t`` during a range of epochs.
+
+    Used by ``lit_modules.refresh.ContinualModule`` and ``callbacks.refresh.RefreshLearning`` (task ends).
+    """
+
+    def task_of_epoch(self, epoch: int) -> int:
+        """The task trained during (0-based) ``epoch``; epochs past the stream belong to the last task."""
+        ...
+
+    def is_task_end(self, epoch: int) -> bool:
+        """Whether ``epoch`` is the last epoch of its task."""
+        ...
+
+    def task_classes(self) -> list[list[int]]:
+        """Classes of each task, in stream order (global class ids)."""
+        ...
+
+
+@runtime_checkable
+class SupportsRefresh(Protocol):
+    """A module whose weights refresh learning can unlearn on the current batch.
+
+    Used by ``callbacks.refresh.RefreshLearning``. Before each training step the callback takes the
+    gradient of :meth:`refresh_loss` on the coming batch with respect to the parameters of
+    :meth:`refresh_network` and moves them up that gradient; at task ends it estimates their Fisher on
+    :meth:`fisher_examples` of the task's training set.
+    """
+
+    def refresh_network(self) -> object:
+        """The ``nn.Module`` whose parameters are unlearned (and whose Fisher is estimated)."""
+        ...
+
+    def refresh_loss(self, batch: object, objective: bool) -> object:
+        """Loss to unlearn on a device-side training batch: the current-task cross-entropy (``objective``
+        False, the released code) or the whole training objective (True, the paper). It must not draw
+        from the global RNG nor change state other than BatchNorm statistics (the callback restores them)."""
+        ...
+
+    def fisher_examples(self, batch: object) -> tuple:
+        """``(inputs, labels)`` of a device-side loader batch as the network takes them, without augmentation."""
+        ...

