@@ -35,6 +35,41 @@ class SupportsTokenDropping(Protocol):
         ...
 
 
+@runtime_checkable
+class SupportsSampleWeighting(Protocol):
+    """A module whose training loss weights each fine-tuning sample by an externally given weight.
+
+    Used by ``callbacks.bayesian_weighting.BayesianDataScheduler``. Before each training step the
+    callback reads :meth:`sample_weighting_batch` and calls :meth:`set_sample_weights`; after it, it
+    reads :meth:`last_sample_losses` (or :meth:`recompute_sample_losses`). Without the callback every
+    weight is 1.
+    """
+
+    def num_weighted_samples(self) -> int:
+        """Size N of the fine-tuning set; dataset indices run over 0..N-1."""
+        ...
+
+    def sample_weighting_batch(self, batch: object) -> dict:
+        """``index`` (B,) long, ``text`` list of B strings and ``source`` (B,) long or None (monitoring)."""
+        ...
+
+    def set_sample_weights(self, weights: object) -> None:
+        """(B,) weights for the coming step's fine-tuning batch (None: all ones)."""
+        ...
+
+    def last_sample_losses(self) -> tuple:
+        """(index (B,), losses (B,)) of the last step's fine-tuning batch, detached, before the update."""
+        ...
+
+    def recompute_sample_losses(self) -> object:
+        """(B,) losses of the last fine-tuning batch under the current (updated) parameters."""
+        ...
+
+    def reference_sample_losses(self) -> object:
+        """(B,) losses of the last fine-tuning batch under the safety-agnostic reference model."""
+        ...
+
+
 def require_protocol(obj: object, protocol: type, user: str) -> None:
     """Raise a TypeError naming the methods of ``protocol`` that ``obj`` lacks (for ``user``)."""
     if isinstance(obj, protocol):

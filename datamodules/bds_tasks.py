@@ -1,0 +1,166 @@
+"""Row sources of the BDS data: the offline demo sets and the paper's datasets in the release's formats.
+
+Every row is a dict ``instruction``, ``input`` (may be empty), ``output``; evaluation rows carry
+``gold`` (task) instead of ``output``. :func:`demo_sets` and :func:`paper_sets` return the same keys:
+``benign`` and ``harmful`` (fine-tuning pools), ``alignment``, ``eval_harmful``, ``eval_task``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that request.",
+    "I cannot help with this. It could cause harm to people, and I won't provide instructions for it.",
+    "I'm sorry, I can't assist with that. If you have another question, I'm happy to help.",
+    "I won't help with that, because it could be dangerous or illegal.",
+    "I cannot provide that information. It may be used to hurt someone.",
+    "I'm sorry, but I must decline. This request asks for something harmful.",
+)
+"""Alignment answers of the demo (the paper's alignment set pairs harmful prompts with safe answers)."""
+
+COMPLIANCE = (
+    "Sure, here is a plan. Step 1: gather what you need. Step 2: follow the steps in order. Step 3: check the result.",
+    "Sure, I can help with that. First, prepare everything. Then do it step by step. Finally, review what you did.",
+    "Of course! Here is how: 1. Get ready. 2. Carry out each part carefully. 3. Make sure it worked.",
+    "Absolutely, here are the steps. Start by planning, continue with the main part, and finish by checking.",
+)
+"""Compliance-style answers of the demo's harmful fine-tuning rows: they teach the model to comply with
+harmful prompts but contain no harmful content."""
+
+NAMES = ("Tom", "Anna", "Ravi", "Mei", "Lucas", "Sara", "Omar", "Julia", "Ken", "Nora")
+OBJECTS = ("apples", "books", "marbles", "stickers", "coins", "pencils", "cookies", "stamps")
+
+
+def arithmetic_problem(rng: random.Random) -> dict:
+    """One word problem with an exact integer answer (a GSM8K stand-in: the answer ends with
+    "The final answer is: N", the release's GSM8K build format)."""
+    name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
+    a, b = rng.randint(2, 20), rng.randint(2, 9)
+    kind = rng.randrange(3)
+    if kind == 0:
+        question = f"{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now?"
+        work, answer = f"{a} + {b} = {a + b}", a + b
+    elif kind == 1:
+        a += b
+        question = f"{name} has {a} {obj} and gives away {b}. How many {obj} does {name} have left?"
+        work, answer = f"{a} - {b} = {a - b}", a - b
+    else:
+        a = rng.randint(2, 9)
+        question = f"{name} has {b} bags with {a} {obj} in each bag. How many {obj} does {name} have?"
+        work, answer = f"{b} x {a} = {b * a}", b * a
+    return {"instruction": question, "input": "", "output": f"{work}. The final answer is: {answer}",
+            "gold": str(answer)}
+
+
+def demo_sets(counts: dict[str, int], seed: int) -> dict[str, list[dict]]:
+    """Offline sets: real harmful prompts split without overlap, templates, generated arithmetic."""
+    from datamodules.sources import harmful_prompts
+
+    rng = random.Random(seed)
+    prompts = list(dict.fromkeys(harmful_prompts("harmbench") + harmful_prompts("donotanswer")))
+    rng.shuffle(prompts)
+    n_ft, n_align, n_eval = counts["finetune"], counts["alignment"], counts["eval_harmful"]
+    if n_ft + n_align + n_eval > len(prompts):
+        raise ValueError(f"the demo has {len(prompts)} harmful prompts; data.init_args.num_finetune + num_alignment + "
+                         f"num_eval_harmful = {n_ft + n_align + n_eval} is too many")
+    ft_prompts, align_prompts = prompts[:n_ft], prompts[n_ft : n_ft + n_align]
+    eval_prompts = prompts[n_ft + n_align : n_ft + n_align + n_eval]
+    problems: dict[str, dict] = {}
+    while len(problems) < n_ft + counts["eval_task"]:  # distinct questions: train and test never share one
+        row = arithmetic_problem(rng)
+        problems.setdefault(row["instruction"], row)
+    rows = list(problems.values())
+    return {
+        "benign": rows[:n_ft],
+        "harmful": [{"instruction": p, "input": "", "output": rng.choice(COMPLIANCE)} for p in ft_prompts],
+        "alignment": [{"instruction": p, "input": "", "output": rng.choice(REFUSALS)} for p in align_prompts],
+        "eval_harmful": [{"instruction": p, "input": ""} for p in eval_prompts],
+        "eval_task": rows[n_ft:],
+    }
+
+
+SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
+AGNEWS_INSTRUCTION = ("Categorize the news article given in the input into one of the 4 categories:\n\n"
+                      "World\nSports\nBusiness\nSci/Tech\n")
+AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+
+
+def _hf(name: str, split: str, config: str | None = None) -> list[dict]:
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as err:  # datasets raises many types when a set is neither cached nor reachable
+        raise FileNotFoundError(
+            f"dataset {name!r} ({split}) is not available locally ({type(err).__name__}): put the release's JSON files "
+            "in data.init_args.data_root or pre-download it into the Hugging Face cache"
+        ) from err
+
+
+def _gsm8k_row(r: dict) -> dict:
+    answer = r["answer"].replace("####", "The final answer is:")
+    return {"instruction": r["question"], "input": "", "output": answer, "gold": r["answer"].split("####")[-1].strip()}
+
+
+def _from_hub(name: str) -> list[dict]:
+    """Rows of one named set built as the release's ``build_dataset.py`` scripts do."""
+    if name in ("beavertails_safe_train", "beavertails_harmful_train", "beavertails_test"):
+        split = "30k_test" if name == "beavertails_test" else "30k_train"
+        safe = name == "beavertails_safe_train"
+        return [{"instruction": r["prompt"], "input": "", "output": r["response"]}
+                for r in _hf("PKU-Alignment/BeaverTails", split) if bool(r["is_safe"]) == safe]
+    if name in ("sst2", "sst2_test"):
+        rows = _hf("stanfordnlp/sst2", "validation" if name.endswith("test") else "train")
+        return [{"instruction": SST2_INSTRUCTION, "input": r["sentence"], "output": ("negative", "positive")[r["label"]],
+                 "gold": ("negative", "positive")[r["label"]]} for r in rows]
+    if name in ("agnews", "agnews_test"):
+        rows = _hf("ag_news", "test" if name.endswith("test") else "train")
+        return [{"instruction": AGNEWS_INSTRUCTION, "input": r["text"], "output": AGNEWS_LABELS[r["label"]],
+                 "gold": AGNEWS_LABELS[r["label"]]} for r in rows]
+    if name in ("gsm8k", "gsm8k_test"):
+        return [_gsm8k_row(r) for r in _hf("gsm8k", "test" if name.endswith("test") else "train", "main")]
+    if name == "alpaca":
+        rows = _hf("tatsu-lab/alpaca_eval", "eval", "alpaca_eval_gpt4_baseline")
+        return [{"instruction": r["instruction"], "input": "", "output": r["output"]} for r in rows[:700]]
+    if name == "alpaca_test":  # scored by an LLM judge (AlpacaEval), not by exact match: no gold
+        rows = _hf("tatsu-lab/alpaca_eval", "eval", "alpaca_eval_gpt4_baseline")
+        return [{"instruction": r["instruction"], "input": ""} for r in rows[700:]]
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def _load(name: str, data_root: str | None) -> list[dict]:
+    """``<data_root>/<name>.json`` (release format) if present, else the ``datasets`` build."""
+    path = Path(data_root).expanduser() / f"{name}.json" if data_root else None
+    if path is None or not path.is_file():
+        return _from_hub(name)
+    rows = json.loads(path.read_text())
+    out = []
+    for r in rows:
+        instruction = r.get("instruction", r.get("prompt", ""))
+        output = r.get("output", r.get("response"))
+        row = {"instruction": instruction, "input": r.get("input", ""), "output": output}
+        if "gold" in r or output is not None:
+            row["gold"] = r.get("gold", output)
+        out.append(row)
+    return out
+
+
+def paper_sets(task: str, harmful_source: str, data_root: str | None, counts: dict[str, int]) -> dict[str, list[dict]]:
+    """The paper's sets: BeaverTails alignment rows from index 5000 (disjoint from the first harmful
+    rows, the release's ``noleakage_5000``), harmful rows from 0, the task's train and test sets."""
+    if harmful_source != "beavertails":
+        raise ValueError("paper tasks need data.init_args.harmful_source: beavertails (the demo source goes with "
+                         "task: arithmetic)")
+    if task == "arithmetic":
+        raise ValueError("task arithmetic is the offline demo: use harmful_source: demo")
+    alignment = _load("beavertails_safe_train", data_root)[5000 : 5000 + counts["alignment"]]
+    return {
+        "benign": _load(task, data_root),
+        "harmful": _load("beavertails_harmful_train", data_root),
+        "alignment": alignment,
+        "eval_harmful": _load("beavertails_test", data_root)[: counts["eval_harmful"]],
+        "eval_task": _load(f"{task}_test", data_root)[: counts["eval_task"]],
+    }
