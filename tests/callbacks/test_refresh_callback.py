@@ -1,0 +1,154 @@
+"""RefreshLearning with a toy module: the update formula, BN statistics, own RNG, Fisher state, protocol errors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from callbacks.refresh import RefreshLearning, unlearning_displacement
+from core.fisher import DiagonalFisher
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*self.log.*:UserWarning")
+
+
+def blobs(n: int = 64) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 3
+    points = torch.randn(n, 4, generator=gen) + 2.0 * F.one_hot(labels, 4).float()
+    return [{"x": p, "y": y} for p, y in zip(points, labels)]
+
+
+class ToyModule(L.LightningModule):
+    """Not a ContinualModule: an MLP with BatchNorm that implements SupportsRefresh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.body(batch["x"]), batch["y"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(blobs(), batch_size=16, shuffle=False)
+
+    def refresh_network(self) -> nn.Module:
+        return self.body
+
+    def refresh_loss(self, batch, objective: bool):
+        return F.cross_entropy(self.body(batch["x"]), batch["y"])
+
+    def fisher_examples(self, batch):
+        return batch["x"], batch["y"]
+
+
+def unlearn_once(module: ToyModule, callback: RefreshLearning, batch, step: int = 0) -> None:
+    trainer = SimpleNamespace(global_step=step, world_size=1)
+    callback.on_train_batch_start(trainer, module, batch, 0)
+
+
+def batch_of(n: int = 16) -> dict[str, torch.Tensor]:
+    rows = blobs()[:n]
+    return {"x": torch.stack([r["x"] for r in rows]), "y": torch.stack([r["y"] for r in rows])}
+
+
+def test_displacement_is_the_released_formula() -> None:
+    param, grad = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0])
+    fisher, noise = torch.tensor([0.0, 1000.0]), torch.tensor([2.0, -1.0])
+    kw = dict(delta=0.1, preconditioner="damped", damping=1e-3, noise_scale=0.5)
+    # u = ||theta|| / ||g|| g = (5, 0); move = delta (u + 0.5 xi) / (1 + 1e-3 F) = 0.1 * (6, -0.5) / (1, 2)
+    got = unlearning_displacement(param, grad, fisher, noise, normalize=True, noise_mode="scaled", **kw)
+    torch.testing.assert_close(got, torch.tensor([0.6, -0.025]))
+    # paper: gamma P g + noise_scale sqrt(2 gamma P) xi with P = (F + damping)^-1
+    got = unlearning_displacement(param, grad, torch.tensor([1.0, 3.0]), noise, delta=0.1, normalize=False,
+                                  preconditioner="inverse", damping=1.0, noise_mode="langevin", noise_scale=0.5)
+    torch.testing.assert_close(got, torch.tensor([0.05 + 0.5 * (0.1**0.5) * 2.0, -0.5 * (0.05**0.5)]))
+
+
+def test_each_tensor_moves_by_delta_times_its_norm_over_the_damped_fisher() -> None:
+    module, batch = ToyModule(), batch_of()
+    callback = RefreshLearning(delta=1e-2, noise_scale=0.0)
+    callback.fisher = {"0.weight": torch.full((8, 4), 500.0)}
+    before = {n: p.detach().clone() for n, p in module.body.named_parameters()}
+    unlearn_once(module, callback, batch)
+    for name, p in module.body.named_parameters():
+        moved = (p.detach() - before[name]).norm()
+        expected = 1e-2 * before[name].norm() / (1.5 if name == "0.weight" else 1.0)
+        torch.testing.assert_close(moved, expected, rtol=1e-4, atol=0)
+
+
+def test_unlearning_raises_the_batch_loss_without_touching_bn_stats_grads_or_the_global_rng() -> None:
+    module, batch = ToyModule(), batch_of()
+    module.train()
+    bn = module.body[1]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    loss_before = module.refresh_loss(batch, False).item()
+    bn.running_mean.copy_(stats[0]), bn.running_var.copy_(stats[1]), bn.num_batches_tracked.copy_(stats[2])
+    rng = torch.get_rng_state()
+    unlearn_once(module, RefreshLearning(delta=0.05), batch)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in module.parameters())
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert torch.equal(bn.num_batches_tracked, stats[2])
+    assert module.refresh_loss(batch, False).item() > loss_before + 1e-3
+
+
+def test_noise_is_keyed_by_the_step() -> None:
+    batch = batch_of()
+    moved = []
+    for step in (3, 3, 4):
+        module = ToyModule()
+        unlearn_once(module, RefreshLearning(delta=1e-3, noise_scale=10.0), batch, step=step)
+        moved.append(module.body[0].weight.detach().clone())
+    assert torch.equal(moved[0], moved[1]) and not torch.equal(moved[0], moved[2])
+
+
+def test_fisher_refreshes_per_epoch_with_decay_and_is_checkpointed(tmp_path) -> None:
+    module = ToyModule()
+    callback = RefreshLearning(delta=1e-4, fisher_update="epoch", fisher_decay=0.5, fisher_bn="eval")
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # runs before RefreshLearning's (listed first)
+            estimate = DiagonalFisher(pl_module.body, "mammoth", "eval")
+            for batch in pl_module.train_dataloader():
+                estimate.update(batch["x"], batch["y"])
+            snapshots.append(estimate.mean())
+
+    trainer = L.Trainer(max_epochs=2, callbacks=[Snapshot(), callback], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(module)
+    assert callback.fisher_estimates == 2
+    for name, value in callback.fisher.items():
+        torch.testing.assert_close(value, 0.5 * snapshots[0][name] + snapshots[1][name], rtol=1e-4, atol=1e-8)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    state = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
+    restored = RefreshLearning()
+    restored.load_state_dict(next(v for k, v in state.items() if k.startswith("RefreshLearning")))
+    assert restored.fisher_estimates == 2
+    assert all(torch.equal(restored.fisher[n], v) for n, v in callback.fisher.items())
+
+
+def test_protocol_and_settings_are_checked() -> None:
+    class Plain(L.LightningModule):
+        pass
+
+    trainer = SimpleNamespace(datamodule=None, precision="32-true")
+    with pytest.raises(TypeError, match="missing method.*refresh_network, refresh_loss, fisher_examples"):
+        RefreshLearning().setup(trainer, Plain(), "fit")
+    with pytest.raises(TypeError, match="TaskStream.*fisher_update='task'.*task_of_epoch, is_task_end, task_classes"):
+        RefreshLearning().setup(trainer, ToyModule(), "fit")
+    with pytest.raises(ValueError, match="trainer.precision"):
+        RefreshLearning(fisher_update="never").setup(SimpleNamespace(datamodule=None, precision="bf16-true"),
+                                                     ToyModule(), "fit")
+    with pytest.raises(ValueError, match="delta >= 0"):
+        RefreshLearning(delta=-1.0)
