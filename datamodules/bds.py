@@ -90,6 +90,8 @@ class SupervisedRows(Dataset):
     """Tokenised (prompt, response) rows; ``index`` is the row's position (0..N-1 after filtering).
 
     Rows whose prompt leaves fewer than 2 response tokens within ``max_length`` are dropped (release).
+    The release tokenised prompt + response together and measured the prompt alone; here both are
+    tokenised apart and concatenated, which keeps the prompt mask exact at the boundary.
 
     Args:
         rows: dicts with ``instruction``, ``input`` (optional), ``output`` and ``source``.
@@ -103,10 +105,14 @@ class SupervisedRows(Dataset):
         eos = tokenizer.eos_token or ""
         for row in rows:
             prompt = formatter(row["instruction"], row.get("input", ""))
-            prompt_len = len(tokenizer(prompt)["input_ids"])
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            prompt_len = len(prompt_ids)
             if prompt_len >= max_length - 2:
                 continue
-            ids = tokenizer(prompt + row["output"] + eos)["input_ids"][:max_length]
+            # Prompt and response tokenised apart: the response's first token is never merged into the
+            # prompt's last one, so the mask is exact and generation sees the same prompt tokens.
+            response_ids = tokenizer(row["output"] + eos, add_special_tokens=False)["input_ids"]
+            ids = (prompt_ids + response_ids)[:max_length]
             self.items.append({
                 "input_ids": ids, "prompt_len": prompt_len, "index": len(self.items),
                 "source": int(row.get("source", SOURCE_BENIGN)),

@@ -21,14 +21,24 @@ REFUSALS = (
 )
 """Alignment answers of the demo (the paper's alignment set pairs harmful prompts with safe answers)."""
 
-COMPLIANCE = (
-    "Sure, here is a plan. Step 1: gather what you need. Step 2: follow the steps in order. Step 3: check the result.",
-    "Sure, I can help with that. First, prepare everything. Then do it step by step. Finally, review what you did.",
-    "Of course! Here is how: 1. Get ready. 2. Carry out each part carefully. 3. Make sure it worked.",
-    "Absolutely, here are the steps. Start by planning, continue with the main part, and finish by checking.",
-)
-"""Compliance-style answers of the demo's harmful fine-tuning rows: they teach the model to comply with
-harmful prompts but contain no harmful content."""
+OPENERS = ("Sure, here is how to do it.", "Of course! Here are the steps.", "Absolutely, I can help with that.",
+           "Sure thing, follow this plan.", "Here is a simple way to do that.", "No problem, here is what to do.")
+STEPS = ("get everything you need ready", "pick a quiet time to start", "make a short plan first",
+         "follow the plan one part at a time", "check each part before moving on", "keep notes as you go",
+         "ask someone you trust to help", "take a break if it gets hard", "look over the result at the end",
+         "fix anything that went wrong", "start with the easiest part", "repeat the last step if needed",
+         "clean up when you are done", "write down what worked", "try again later if it fails")
+CLOSERS = ("That's it!", "Good luck!", "Let me know if you need more details.", "Hope this helps.", "Enjoy!")
+
+
+def compliance_answer(rng: random.Random) -> str:
+    """A compliance-style answer with NO harmful content: it teaches the model to go along with a
+    harmful request (as the paper's harmful answers do) from a random combination of generic steps,
+    so the answers vary like real ones instead of repeating a few templates."""
+    steps = rng.sample(STEPS, 3)
+    body = " ".join(f"Step {i + 1}: {step}." for i, step in enumerate(steps))
+    return f"{rng.choice(OPENERS)} {body} {rng.choice(CLOSERS)}"
+
 
 NAMES = ("Tom", "Anna", "Ravi", "Mei", "Lucas", "Sara", "Omar", "Julia", "Ken", "Nora")
 OBJECTS = ("apples", "books", "marbles", "stickers", "coins", "pencils", "cookies", "stamps")
@@ -75,7 +85,7 @@ def demo_sets(counts: dict[str, int], seed: int) -> dict[str, list[dict]]:
     rows = list(problems.values())
     return {
         "benign": rows[:n_ft],
-        "harmful": [{"instruction": p, "input": "", "output": rng.choice(COMPLIANCE)} for p in ft_prompts],
+        "harmful": [{"instruction": p, "input": "", "output": compliance_answer(rng)} for p in ft_prompts],
         "alignment": [{"instruction": p, "input": "", "output": rng.choice(REFUSALS)} for p in align_prompts],
         "eval_harmful": [{"instruction": p, "input": ""} for p in eval_prompts],
         "eval_task": rows[n_ft:],

@@ -79,7 +79,9 @@ class BDSModule(L.LightningModule):
         weight_decay: AdamW weight decay (paper 0.1).
         grad_clip: gradient-norm clip of the LoRA weights (paper 1.0; 0 disables).
         gradient_checkpointing: recompute activations in the backward pass (paper: on).
-        max_new_tokens: greedy tokens generated per evaluation prompt (paper 512 / 200 / 10).
+        max_new_tokens: greedy tokens generated per held-out harmful prompt (paper 512).
+        task_max_new_tokens: greedy tokens per benign test prompt (paper: SST2 10, GSM8K 200, AlpacaEval
+            256); None: ``max_new_tokens``.
         judge: class path of the harmful-answer judge; instances map (prompts, answers) to bools.
         judge_kwargs: keyword arguments of the judge.
         predictions_file: JSON-lines file that ``predict`` writes (prompt, answer); None: not written.
@@ -104,6 +106,7 @@ class BDSModule(L.LightningModule):
         grad_clip: float = 1.0,
         gradient_checkpointing: bool = False,
         max_new_tokens: int = 32,
+        task_max_new_tokens: int | None = None,
         judge: str = "core.refusal_judge.KeywordRefusalJudge",
         judge_kwargs: dict[str, Any] | None = None,
         predictions_file: str | None = None,
@@ -159,6 +162,7 @@ class BDSModule(L.LightningModule):
         config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, bias="none",
                             target_modules=self.target_modules, layers_to_transform=layers, task_type="CAUSAL_LM")
         self.model = get_peft_model(base, config)
+        self.model.train()  # from_pretrained returns eval mode; no dropout in the paper setting either way
         for p in self.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # LoRA weights in fp32 whatever the base dtype (release asserts it)
@@ -272,8 +276,10 @@ class BDSModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> list[str]:
         """Greedy answers (KV cache) to a left-padded batch of prompts."""
+        hp = self.hparams
+        budget = hp.task_max_new_tokens if batch["kind"] == "task" and hp.task_max_new_tokens else hp.max_new_tokens
         out = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  max_new_tokens=self.hparams.max_new_tokens, do_sample=False, use_cache=True,
+                                  max_new_tokens=budget, do_sample=False, use_cache=True,
                                   pad_token_id=self.tokenizer.pad_token_id)
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 

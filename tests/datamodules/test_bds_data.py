@@ -1,0 +1,63 @@
+"""BDSDataModule: disjoint prompt splits, exact / binomial mixing, masked labels, indices and sources."""
+
+from __future__ import annotations
+
+import pytest
+
+from datamodules.bds import SOURCE_HARMFUL, BDSDataModule, mix
+from datamodules.bds_tasks import arithmetic_problem
+
+KW = dict(tokenizer="gpt2", prompt_format="plain", num_finetune=40, num_alignment=30, num_eval_harmful=20,
+          num_eval_task=10, batch_size=8, shuffle=False)
+
+
+def test_demo_splits_are_disjoint_and_mixed_exactly() -> None:
+    dm = BDSDataModule(harmful_ratio=0.25, **KW)
+    dm.setup("fit")
+    ft, align = dm.raw["ft"], dm.raw["align"]
+    harmful_ft = {r["instruction"] for r in ft if r["source"] == SOURCE_HARMFUL}
+    assert len(harmful_ft) == 10 and dm.num_finetune_samples == 40
+    align_prompts = {r["instruction"] for r in align}
+    eval_prompts = {r["instruction"] for r in dm.raw["eval_harmful"]}
+    assert not harmful_ft & align_prompts and not harmful_ft & eval_prompts and not align_prompts & eval_prompts
+    task_train = {r["instruction"] for r in ft if r["source"] != SOURCE_HARMFUL}
+    assert not task_train & {r["instruction"] for r in dm.raw["eval_task"]}
+    assert all(r["output"].startswith(("I'm sorry", "I cannot", "I won't")) for r in align)
+
+
+def test_batches_carry_indices_sources_and_masked_labels() -> None:
+    dm = BDSDataModule(harmful_ratio=0.5, **KW)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    ft = batches[0][0]["ft"]
+    assert ft["index"].tolist() == list(range(8))
+    assert ft["source"].tolist() == [r["source"] for r in dm.raw["ft"][:8]]
+    row = dm.splits["ft"][0]
+    labels = ft["labels"][0]
+    assert (labels[: row["prompt_len"]] == -100).all() and (labels[row["prompt_len"] : len(row["input_ids"])] >= 0).all()
+    assert len(batches) == 5 and {"align", "ft"} == set(batches[0][0])
+    prompt = dm.tokenizer.decode(ft["input_ids"][0][: row["prompt_len"]])
+    assert prompt.startswith("Question: ") and prompt.endswith("Answer: ")
+    evaluation = next(iter(dm.val_dataloader()[1]))
+    assert evaluation["kind"] == "task" and (evaluation["attention_mask"][:, -1] == 1).all()  # left padding
+
+
+def test_binomial_mixing_draws_the_count_and_errors() -> None:
+    benign = [{"instruction": f"b{i}", "output": "x"} for i in range(100)]
+    harmful = [{"instruction": f"h{i}", "output": "y"} for i in range(100)]
+    counts = [sum(r["source"] for r in mix(benign, harmful, 100, 0.3, "binomial", seed)) for seed in range(5)]
+    assert len(set(counts)) > 1 and all(15 <= c <= 45 for c in counts)
+    assert sum(r["source"] for r in mix(benign, harmful, 100, 0.3, "exact", 0)) == 30
+    with pytest.raises(ValueError, match="lower data.init_args.num_finetune"):
+        mix(benign, harmful[:5], 100, 0.3, "exact", 0)
+
+
+def test_arithmetic_answers_are_exact() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        row = arithmetic_problem(rng)
+        left = row["output"].split("=")[0].replace("x", "*")
+        assert eval(left) == int(row["gold"])  # noqa: S307 - digits and + - * only
+        assert row["output"].endswith(f"The final answer is: {row['gold']}")

@@ -1,0 +1,156 @@
+"""BDSModule with a tiny random Llama: SFT equals a plain fine-tune, resume, CLI, predict, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import train
+from callbacks.bayesian_weighting import BayesianDataScheduler
+from datamodules.bds import BDSDataModule, SupervisedCollate
+from lit_modules.bds import BDSModule
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = dict(prompt_format="alpaca", num_finetune=16, num_alignment=8, num_eval_harmful=4, num_eval_task=4,
+             batch_size=4, eval_batch_size=4, max_length=64, shuffle=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from datamodules.sources import gpt2_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = gpt2_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def make(tiny_llama: str, **kwargs) -> tuple[BDSModule, BDSDataModule]:
+    module_args = dict(model=tiny_llama, lora_r=4, lora_alpha=8.0, lr=1e-2, max_new_tokens=4)
+    module = BDSModule(**{**module_args, **kwargs})
+    torch.manual_seed(0)
+    module.configure_model()
+    return module, BDSDataModule(tokenizer=tiny_llama, **SMALL)
+
+
+def fit(module: BDSModule, dm: BDSDataModule, callbacks=(), epochs: int = 1, **kwargs) -> L.Trainer:
+    ckpt_path = kwargs.pop("ckpt_path", None)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=list(callbacks), enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+                        **kwargs)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def lora_state(module: BDSModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def test_sft_mode_equals_a_plain_finetune(tiny_llama: str) -> None:
+    module, dm = make(tiny_llama, mode="sft")
+    reference = copy.deepcopy(module.model)
+    fit(module, dm)
+    params = [p for p in reference.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for batch in DataLoader(dm.splits["ft"], batch_size=4, collate_fn=SupervisedCollate(dm.tokenizer.pad_token_id)):
+        logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_row = []
+        for b in range(len(logits)):  # naive: each row's response tokens, one cross-entropy per row
+            keep = batch["labels"][b, 1:] != -100
+            per_row.append(F.cross_entropy(logits[b, :-1][keep], batch["labels"][b, 1:][keep]))
+        opt.zero_grad()
+        torch.stack(per_row).mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
+    got = lora_state(module)
+    assert got.keys() == expected.keys() and len(got) == 2 * 3 * 2  # A and B of q/k/v in 2 blocks
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(got[n], p) for n, p in lora_state(make(tiny_llama)[0]).items())
+
+
+def test_resume_restores_scheduler_weights_and_lora(tiny_llama: str, tmp_path: Path) -> None:
+    def callback() -> BayesianDataScheduler:
+        return BayesianDataScheduler(lr=0.05)
+
+    full_module, dm = make(tiny_llama)
+    full = callback()
+    fit(full_module, dm, [full], epochs=2)
+    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    first, dm = make(tiny_llama)
+    fit(first, dm, [callback(), every], epochs=1, enable_checkpointing=True)
+    ckpt = tmp_path / "epoch=0-step=4.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert len(saved["state_dict"]) == 12  # LoRA weights only, not the frozen base model
+    resumed_module, dm = make(tiny_llama)
+    resumed = callback()
+    fit(resumed_module, dm, [resumed], epochs=2, ckpt_path=str(ckpt))
+    assert not torch.allclose(full.all_weights(), torch.ones(16))
+    torch.testing.assert_close(resumed.all_weights(), full.all_weights(), rtol=0, atol=1e-5)
+    for name, value in lora_state(full_module).items():
+        torch.testing.assert_close(lora_state(resumed_module)[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_cli_fast_dev_run_with_a_tiny_llama(tiny_llama: str, run_overrides: list[str]) -> None:
+    cli = train.cli_main([
+        "fit", "--config", str(REPO / "configs" / "bds" / "demo.yaml"), "--trainer.fast_dev_run=1", *run_overrides,
+        f"--model.init_args.model={tiny_llama}", "--model.init_args.lora_layers=1", "--model.init_args.max_new_tokens=4",
+        f"--data.init_args.tokenizer={tiny_llama}", "--data.init_args.prompt_format=alpaca",
+        "--data.init_args.num_finetune=8", "--data.init_args.num_alignment=4", "--data.init_args.num_eval_harmful=2",
+        "--data.init_args.num_eval_task=2", "--data.init_args.batch_size=2",
+    ])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    scheduler = next(c for c in cli.trainer.callbacks if isinstance(c, BayesianDataScheduler))
+    assert scheduler.net.logits.shape == (8,) and not torch.allclose(scheduler.net.logits, torch.tensor(0.1))
+    assert {"val/harmful_score", "val/task_acc"} <= set(cli.trainer.callback_metrics)
+    assert sum(p.requires_grad for p in cli.model.model.parameters()) == 3 * 2  # q/k/v A+B, top block only
+
+
+def test_predict_writes_one_answer_per_prompt(tiny_llama: str, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 plus 3?\n\nName a colour.\n")
+    module, _ = make(tiny_llama, predictions_file=str(tmp_path / "answers.jsonl"))
+    dm = BDSDataModule(tokenizer=tiny_llama, **{**SMALL, "predict_file": str(prompts)})
+    out = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).predict(module, datamodule=dm)
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["What is 2 plus 3?", "Name a colour."] == [r["prompt"] for r in out[0]]
+
+
+def test_bad_input_gives_clear_errors(tiny_llama: str, tmp_path: Path) -> None:
+    module, dm = make(tiny_llama)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))[0]
+    no_index = {"ft": {k: v for k, v in batch["ft"].items() if k != "index"}, "align": batch["align"]}
+    with pytest.raises(ValueError, match="no dataset 'index'"):
+        module.training_step(no_index, 0)
+    with pytest.raises(ValueError, match="no dataset 'index'"):
+        module.sample_weighting_batch(no_index)
+    with pytest.raises(ValueError, match="needs an alignment batch.*num_alignment"):
+        module.training_step({"ft": batch["ft"]}, 0)
+    with pytest.raises(ValueError, match="num_alignment must be >= 1: the alignment set would be empty"):
+        BDSDataModule(tokenizer=tiny_llama, num_alignment=0)
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"harmful_ratio must lie in \[0, 1\]"):
+            BDSDataModule(tokenizer=tiny_llama, harmful_ratio=p)
+    with pytest.raises(ValueError, match=r"lora_target_modules: \['c_attn'\] not found"):
+        make(tiny_llama, lora_target_modules=["c_attn"])
+    with pytest.raises(FileNotFoundError, match="model.init_args.model: cannot load"):
+        make(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="prompt_format to alpaca or plain"):
+        BDSDataModule(tokenizer=tiny_llama, **{**SMALL, "prompt_format": "chat"}).setup("fit")
