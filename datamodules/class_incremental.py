@@ -46,7 +46,15 @@ NUM_CLASSES = {"mnist5k": 10, "digits": 10, "cifar10": 10, "cifar100": 100, "tin
 
 
 class StreamSet(Dataset):
-    """Images (uint8 0..255 or float 0..1) normalised on access, with stream labels and task ids."""
+    """Images (uint8 0..255 or float 0..1) normalised on access, with stream labels and task ids.
+
+    Args:
+        images: (N, C, H, W) uint8 in 0..255 or float in [0, 1].
+        labels: (N,) stream-order class ids.
+        tasks: (N,) task ids.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation std.
+    """
 
     def __init__(self, images: Tensor, labels: Tensor, tasks: Tensor, mean: Tensor, std: Tensor) -> None:
         self.images, self.labels, self.tasks = images, labels, tasks
@@ -61,7 +69,7 @@ class StreamSet(Dataset):
         return {"image": image, "label": self.labels[i], "task": self.tasks[i]}
 
 
-class EpochPermutation(torch.utils.data.Sampler[int]):
+class _EpochPermutation(torch.utils.data.Sampler[int]):
     """A random order of ``0..n-1`` that depends only on (seed, epoch), however often it is iterated
     (a DataLoader's generator advances with every ``iter()``, which breaks exact resumption)."""
 
@@ -270,7 +278,7 @@ class ClassIncrementalStream(L.LightningDataModule):
     def _loader(self, data: Dataset, train: bool, epoch: int = 0) -> DataLoader:
         hp = self.hparams
         return DataLoader(data, batch_size=hp.batch_size if train else hp.eval_batch_size,
-                          sampler=EpochPermutation(len(data), hp.stream_seed, epoch) if train else None,
+                          sampler=_EpochPermutation(len(data), hp.stream_seed, epoch) if train else None,
                           # worker seeds come from this generator, not from the global RNG
                           generator=keyed_generator(hp.stream_seed, 19, epoch), num_workers=hp.num_workers)
 

@@ -248,12 +248,28 @@ class ContinualModule(L.LightningModule):
         self.results["random"] = (self._correct / self._seen.clamp(min=1)).cpu()
         self.net.train(was_training)
 
+    def _reduced_accuracy(self) -> Tensor:
+        correct = self.trainer.strategy.reduce(self._correct, reduce_op="sum")
+        seen = self.trainer.strategy.reduce(self._seen, reduce_op="sum")
+        return (correct / seen.clamp(min=1)).cpu()
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        """``train.py test``: accuracy on every task's test split, and their mean (the final average accuracy)."""
+        acc = self._reduced_accuracy()
+        for m, mode in enumerate(MODES):
+            self.log(f"test/final_avg_acc_{mode}", acc[m].mean().item())
+            self.log_dict({f"test/acc_{mode}_task{t}": a.item() for t, a in enumerate(acc[m])})
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        correct = self.trainer.strategy.reduce(self._correct, reduce_op="sum")
-        seen = self.trainer.strategy.reduce(self._seen, reduce_op="sum")
-        acc = (correct / seen.clamp(min=1)).cpu()
+        acc = self._reduced_accuracy()
         stream, epoch = self._stream(), self.current_epoch
         task = stream.task_of_epoch(epoch)
         for m, mode in enumerate(MODES):

@@ -12,9 +12,15 @@ from torch import Tensor, nn
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block (two 3x3 convolutions with BatchNorm) with a 1x1 projection shortcut when needed."""
+    """ResNet basic block (two 3x3 convolutions with BatchNorm) with a 1x1 projection shortcut when needed.
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    Args:
+        in_planes: input channels.
+        planes: output channels.
+        stride: stride of the first convolution (and of the shortcut).
+    """
+
+    def __init__(self, in_planes: int = 64, planes: int = 64, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -32,9 +38,15 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """mammoth's ResNet-18 (``backbone/ResNet18.py``): 3x3 stem without max-pool, stages [2, 2, 2, 2] of
     widths nf x (1, 2, 4, 8), global average pooling, linear head. nf = 64 (11.2 M parameters) is what
-    the released code trains; nf = 20 is the "reduced ResNet-18" of GEM/A-GEM."""
+    the released code trains; nf = 20 is the "reduced ResNet-18" of GEM/A-GEM.
 
-    def __init__(self, num_classes: int, nf: int = 64, in_channels: int = 3) -> None:
+    Args:
+        num_classes: outputs of the head.
+        nf: width of the first stage.
+        in_channels: image channels.
+    """
+
+    def __init__(self, num_classes: int = 10, nf: int = 64, in_channels: int = 3) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, nf, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(nf)
@@ -53,9 +65,15 @@ class ResNet18(nn.Module):
 
 class SmallCNN(nn.Module):
     """Two conv-BN-ReLU blocks (width w, 2w), max-pool between, global average pooling, linear head.
-    Keeps BatchNorm so that the CPU demo exercises refresh's handling of running statistics."""
+    Keeps BatchNorm so that the tests exercise refresh's handling of running statistics.
 
-    def __init__(self, num_classes: int, width: int = 32, in_channels: int = 1) -> None:
+    Args:
+        num_classes: outputs of the head.
+        width: channels of the first convolution (the second has twice as many).
+        in_channels: image channels.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, in_channels: int = 1) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
@@ -68,9 +86,15 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """mammoth's MNISTMLP: flatten, two hidden ReLU layers of ``width`` (100 in mammoth), linear head."""
+    """mammoth's MNISTMLP: flatten, two hidden ReLU layers of ``width`` (100 in mammoth), linear head.
 
-    def __init__(self, num_classes: int, in_features: int, width: int = 100) -> None:
+    Args:
+        num_classes: outputs of the head.
+        in_features: flattened input size (C x H x W).
+        width: hidden units per layer.
+    """
+
+    def __init__(self, num_classes: int = 10, in_features: int = 784, width: int = 100) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width),
                                  nn.ReLU(), nn.Linear(width, num_classes))

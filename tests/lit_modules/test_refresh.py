@@ -153,11 +153,16 @@ def test_fast_dev_run_through_the_cli(run_overrides) -> None:
 
 
 def test_digits_demo_runs_end_to_end_and_draws_the_matrices(run_overrides, tmp_path) -> None:
-    cli_main(["fit", "--config", str(REPO / "configs/refresh/demo.yaml"), "--config",
+    cli = cli_main(["fit", "--config", str(REPO / "configs/refresh/demo.yaml"), "--config",
               str(REPO / "configs/refresh/demo_digits.yaml"), "--data.init_args.epochs_per_task=1", *run_overrides])
     metrics = (next(tmp_path.rglob("metrics.csv"))).read_text()
     assert "val/final_avg_acc_class_il" in metrics and "val/forgetting_task_il" in metrics
     assert {p.name for p in tmp_path.rglob("acc_matrix_*.png")} == {"acc_matrix_class_il.png", "acc_matrix_task_il.png"}
+    # `train.py test` measures the same final average accuracy as the last row of the matrix (eval on test)
+    tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    summary = cli.model.results["summary"]
+    for mode in ("class_il", "task_il"):
+        assert tested[f"test/final_avg_acc_{mode}"] == pytest.approx(summary[f"final_avg_acc_{mode}"], abs=1e-6)
 
 
 def test_accuracy_matrix_reaches_wandb_as_a_table_and_an_image(tmp_path) -> None:
