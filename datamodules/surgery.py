@@ -1,0 +1,230 @@
+"""Several classification tasks at once for model merging and representation surgery.
+
+Two kinds of loaders:
+- ``stage: finetune`` — labelled training batches of the task(s), to pre-train the backbone and to
+  fine-tune one expert per task (``tasks: [mnist]``);
+- ``stage: adapt`` — AdaMerging and Surgery adapt on **unlabelled** images of every task at once
+  (a ``CombinedLoader`` of ``{task: loader}``; each batch ``{task: {"image", "index", "task"}}``) and
+  are evaluated on the labelled images, one validation loader per task. The papers adapt on the test
+  split and evaluate on it (transductive, as in AdaMerging/Surgery); ``adapt_split: train`` adapts
+  on held-out training images instead.
+
+Every sample carries its task name (``task``) and its index in the split (``index``: the key of the
+frozen-model feature caches).
+
+Demo tasks (offline, real data from ``datamodules.sources``, gray 32x32): ``photos`` (which of the 12
+scikit-image/scikit-learn photographs a random crop comes from; the pre-training task), ``mnist``
+(MNIST-5k digits), ``rotation`` (the rotation, 0/90/180/270 degrees, of other MNIST-5k digits),
+``digits`` (scikit-learn's 8x8 digits upsampled) and ``lfw`` (faces vs non-faces). Paper tasks
+(SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD) are read from ``root/<Task>/{train,test}/
+<class>/*`` image folders with CLIP's preprocessing; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import CombinedLoader
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+DEMO_TASKS = ("photos", "mnist", "rotation", "digits", "lfw")
+PAPER_TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class TaskDataset(Dataset):
+    """Images (and labels) of one task; items are dicts with ``image``, ``index``, ``task`` (and ``label``).
+
+    Args:
+        task: task name written into every item.
+        images: a (N, C, H, W) tensor, or a dataset of ``(image, label)`` pairs (image folders).
+        labels: (N,) labels for a tensor of images.
+        labelled: whether items carry their ``label`` (adaptation loaders are unlabelled).
+    """
+
+    def __init__(self, task: str = "task", images: Tensor | Dataset | None = None, labels: Tensor | None = None,
+                 labelled: bool = True) -> None:
+        if images is None or len(images) == 0:
+            raise ValueError(f"task {task!r} has no images; check data.init_args.tasks and data.init_args.root")
+        self.task, self.images, self.labels, self.labelled = task, images, labels, labelled
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        if isinstance(self.images, Tensor):
+            image, label = self.images[i], self.labels[i]
+        else:
+            image, label = self.images[i]
+        item = {"image": image, "index": i, "task": self.task}
+        if self.labelled:
+            item["label"] = torch.as_tensor(label)
+        return item
+
+
+def _split(n: int, test: int, seed: int) -> tuple[Tensor, Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[test:].sort().values, order[:test].sort().values
+
+
+def _resize(images: Tensor, size: int) -> Tensor:
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _photo_crops(count: int, size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Random square crops (gray, side 48-160 px, resized to ``size``) of 12 real photographs; label = photo."""
+    from datamodules import sources
+
+    photos = list(sources.skimage_photos().values()) + list(sources.sklearn_photos().values())
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for i in range(count):
+        label = i % len(photos)
+        photo = photos[label].mean(0, keepdim=True)
+        side = int(torch.randint(48, min(161, *photo.shape[1:]), (1,), generator=gen))
+        y = int(torch.randint(0, photo.shape[1] - side + 1, (1,), generator=gen))
+        x = int(torch.randint(0, photo.shape[2] - side + 1, (1,), generator=gen))
+        images.append(_resize(photo[None, :, y : y + side, x : x + side], size)[0])
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def demo_task(task: str, size: int = 32, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{"train": (images, labels), "test": (images, labels)}`` of one offline demo task, images in [0, 1]."""
+    from datamodules import sources
+
+    if task == "photos":
+        images, labels = _photo_crops(3000, size, seed)
+        test = 500
+    elif task in ("mnist", "rotation"):
+        images, labels = sources.mnist5k()
+        half = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        # disjoint halves of MNIST-5k: digit classes on one, rotations of the other
+        idx = half[:2500] if task == "mnist" else half[2500:]
+        images, labels = _resize(images[idx], size), labels[idx]
+        if task == "rotation":
+            labels = torch.randint(0, 4, (len(idx),), generator=torch.Generator().manual_seed(seed + 1))
+            images = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(images, labels)])
+        test = 500
+    elif task == "digits":
+        images, labels = sources.sklearn_digits()
+        images, test = _resize(images, size), 500
+    elif task == "lfw":
+        images, labels = sources.lfw_subset()
+        images, test = _resize(images, size), 80
+    else:
+        raise ValueError(f"data.init_args.tasks: unknown demo task {task!r}; choose from {list(DEMO_TASKS)} "
+                         f"or set data.init_args.root for {list(PAPER_TASKS)}")
+    train, test_idx = _split(len(labels), test, seed)
+    return {"train": (images[train], labels[train]), "test": (images[test_idx], labels[test_idx])}
+
+
+class SurgeryDataModule(L.LightningDataModule):
+    """Labelled and unlabelled loaders for several tasks (demo tasks offline, paper tasks from image folders).
+
+    Args:
+        tasks: task names, in order: demo tasks (``photos``, ``mnist``, ``rotation``, ``digits``,
+            ``lfw``) or, with ``root``, folder names under it (``SUN397``, ``Cars``, ...).
+        stage: ``finetune`` serves labelled training batches of ``tasks``; ``adapt`` serves unlabelled
+            batches of every task at once for AdaMerging/Surgery.
+        root: directory with ``<Task>/train`` and ``<Task>/test`` image folders (paper tasks); None
+            uses the offline demo tasks.
+        adapt_split: split adapted on (unlabelled): ``test`` as in the papers (transductive), or
+            ``train`` for a held-out protocol. Evaluation always uses ``test``.
+        image_size: side of the square images fed to the model.
+        mean: normalisation mean per channel (CLIP's for image folders).
+        std: normalisation std per channel.
+        batch_size: training batch size per task (16 in the papers).
+        eval_batch_size: evaluation batch size.
+        shuffle: shuffle training batches (off only for tests that compare runs batch by batch).
+        num_workers: DataLoader workers per loader.
+        seed: seed of the demo splits and crops.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str] | None = None,
+        stage: Literal["finetune", "adapt"] = "adapt",
+        root: str | None = None,
+        adapt_split: Literal["test", "train"] = "test",
+        image_size: int = 32,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 256,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tasks = list(tasks or ["mnist", "rotation", "digits", "lfw"])
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"data.init_args.tasks must list distinct task names, got {self.tasks}")
+        if stage == "finetune" and len(self.tasks) != 1:
+            raise ValueError(f"data.init_args.tasks: stage 'finetune' trains one task (one expert) at a time, got {self.tasks}")
+        if root is not None and not Path(root).is_dir():
+            raise FileNotFoundError(f"data.init_args.root: no task folders at {root}; point it to a local copy")
+        self.mean = tuple(mean or ((0.5,) if root is None else CLIP_MEAN))
+        self.std = tuple(std or ((0.5,) if root is None else CLIP_STD))
+        self.splits: dict[str, dict[str, dict[str, Dataset]]] = {}
+        self.class_names: dict[str, list[str]] = {}
+
+    def _normalise(self, images: Tensor) -> Tensor:
+        return (images - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(1, -1, 1, 1)
+
+    def _demo(self, task: str) -> dict[str, dict[str, Dataset]]:
+        data = demo_task(task, self.hparams.image_size, self.hparams.seed)
+        self.class_names[task] = [str(c) for c in range(int(data["train"][1].max()) + 1)]
+        return {split: {mode: TaskDataset(task, self._normalise(x), y, labelled=mode == "labelled")
+                        for mode in ("labelled", "unlabelled")} for split, (x, y) in data.items()}
+
+    def _folder(self, task: str) -> dict[str, dict[str, Dataset]]:
+        from torchvision import datasets, transforms
+
+        size = self.hparams.image_size
+        preprocess = transforms.Compose([  # CLIP's val_preprocess: no augmentation anywhere, as in the papers
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
+            transforms.Lambda(lambda im: im.convert("RGB")), transforms.ToTensor(),
+            transforms.Normalize(self.mean, self.std),
+        ])
+        out = {}
+        for split in ("train", "test"):
+            where = Path(self.hparams.root) / task / split
+            if not where.is_dir():
+                raise FileNotFoundError(f"data.init_args.root: no {where} (expected <root>/{task}/{split}/<class>/*)")
+            folder = datasets.ImageFolder(str(where), transform=preprocess)
+            self.class_names[task] = [c.replace("_", " ") for c in folder.classes]
+            out[split] = {mode: TaskDataset(task, folder, labelled=mode == "labelled") for mode in ("labelled", "unlabelled")}
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        for task in self.tasks:
+            if task not in self.splits:
+                self.splits[task] = self._demo(task) if self.hparams.root is None else self._folder(task)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(dataset, batch_size=hp.batch_size if train else hp.eval_batch_size,
+                          shuffle=train and hp.shuffle, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+                          drop_last=False)
+
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        if self.hparams.stage == "finetune":
+            return self._loader(self.splits[self.tasks[0]]["train"]["labelled"], train=True)
+        split = self.hparams.adapt_split
+        loaders = {t: self._loader(self.splits[t][split]["unlabelled"], train=True) for t in self.tasks}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.splits[t]["test"]["labelled"], train=False) for t in self.tasks]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

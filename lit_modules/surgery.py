@@ -1,0 +1,344 @@
+"""Representation Surgery (V1, ICML 2024) and SurgeryV2 (deep surgery) on a merged multi-task model.
+
+Papers: E. Yang et al., "Representation Surgery for Multi-Task Model Merging", ICML 2024
+(arXiv 2402.02705, code EnnengYang/RepresentationSurgery) and "SurgeryV2: Bridging the Gap Between
+Model Merging and Multi-Task Learning with Deep Representation Surgery" (arXiv 2410.14389, code
+EnnengYang/SurgeryV2).
+
+Idea: merging K experts (weight averaging, task arithmetic, TIES, AdaMerging; ``core.merging``)
+leaves a *representation bias*: on task t the merged encoder's representation z differs from the
+expert's z_t. Surgery keeps the merged model frozen and learns, per task, a tiny low-rank module
+that estimates that bias from z and subtracts it, trained without labels by pulling the corrected
+representation towards the expert's on unlabelled test images (L1). SurgeryV2 puts such a module
+after every transformer block, on the residual stream, and aligns every level (token means of each
+block output, plus the final representation). The task id is known at test time.
+
+Equations (numbered here; the PDFs' numbering could not be checked):
+- (S1) representation bias  Bias_t = E_x |f(x; theta_m) - f(x; theta_t)|_1      -> ``val/bias_<task>``
+- (S2) Surgery             z_hat = z - Phi_t(z),  Phi_t(z) = W_up ReLU(W_down z)  -> ``_correct`` / LowRankCorrection
+- (S3) V1 objective        min_Phi sum_t E_x |z_hat_t(x) - z_t(x)|_1              -> ``_loss``
+- (S4) V2 block surgery    h_b <- h_b - Phi_{t,b}(h_b) after every block b        -> ``_edit``
+- (S5) V2 objective        min sum_t sum_b E_x |mean_tok h_b - mean_tok h_b^t|_1 + (S3)  -> ``_loss``
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from core import merging
+from core.block_hooks import block_widths, edited_blocks, find_blocks
+from core.timm_models import create_model, export_weights
+from lit_modules.surgery_parts import LowRankCorrection, TaskHeads, entropy, freeze, load_task_models
+
+
+def merged_state(pretrained: dict[str, Tensor], experts: list[dict[str, Tensor]], merge: str, scaling: float,
+                 ties_top_k: float, ties_merge: str, ties_per_tensor: bool) -> dict[str, Tensor]:
+    """The closed-form merges of ``core.merging`` by name (the Surgery code's hyper-parameters by default)."""
+    if merge == "weight_average":
+        return merging.weight_average(experts)
+    if merge == "task_arithmetic":
+        return merging.task_arithmetic(pretrained, experts, scaling)
+    if merge == "ties":
+        return merging.ties_merging(pretrained, experts, ties_top_k, scaling, ties_merge, ties_per_tensor)
+    raise ValueError(f"model.init_args.merge: unknown merge {merge!r}")
+
+
+class SurgeryModule(L.LightningModule):
+    """Train per-task surgery modules on a frozen merged encoder (V1: final representation; V2: every block).
+
+    Args:
+        model: timm model name of the encoder (e.g. ``vit_base_patch32_clip_224.openai``; its output is
+            the representation z, e.g. CLIP's projected image embedding).
+        model_kwargs: extra ``timm.create_model`` arguments.
+        pretrained: build the pre-trained encoder with timm's weights (local cache when offline).
+        pretrained_checkpoint: local weights of the pre-trained encoder theta_0.
+        experts: ``{task: weights file}`` of the fine-tuned encoders; the order defines the tasks.
+        heads: ``{task: head file}`` (safetensors with ``weight`` (classes, dim)); by default
+            ``<expert>.head.safetensors`` next to each expert.
+        merge: ``weight_average``, ``task_arithmetic``, ``ties`` (computed here) or ``checkpoint``
+            (a merged encoder written by AdaMerging, in ``merged_checkpoint``).
+        merged_checkpoint: merged encoder weights for ``merge: checkpoint``.
+        scaling: lambda of task arithmetic and TIES (0.3 as in the Surgery code).
+        ties_top_k: fraction of each task vector TIES keeps.
+        ties_merge: TIES disjoint merge, ``sum`` (Surgery/AdaMerging) or ``mean`` (TIES paper).
+        ties_per_tensor: TIES top-k per tensor instead of over the whole model (released code).
+        version: ``v1`` (Surgery on the final representation) or ``v2`` (after every block too).
+        rank: hidden width of every surgery module (16 in both papers for ViT-B).
+        correct: ``projected`` corrects the unnormalised representation and the head normalises
+            after (the original code); ``normalized`` corrects the L2-normalised one (FusionBench).
+        lr: Adam learning rate (1e-3 in the papers).
+        cache_features: cache the frozen models' outputs per image (expert targets, and the merged
+            representation for V1): exact because nothing is augmented; turn off for augmented data.
+    """
+
+    def __init__(
+        self,
+        model: str = "vit_tiny_patch16_224",
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        pretrained_checkpoint: str | None = None,
+        experts: dict[str, str] | None = None,
+        heads: dict[str, str] | None = None,
+        merge: Literal["weight_average", "task_arithmetic", "ties", "checkpoint"] = "task_arithmetic",
+        merged_checkpoint: str | None = None,
+        scaling: float = 0.3,
+        ties_top_k: float = 0.2,
+        ties_merge: Literal["sum", "mean"] = "sum",
+        ties_per_tensor: bool = False,
+        version: Literal["v1", "v2"] = "v1",
+        rank: int = 16,
+        correct: Literal["projected", "normalized"] = "projected",
+        lr: float = 1e-3,
+        cache_features: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        encoder, base, states, head_weights = load_task_models(model, model_kwargs, pretrained, pretrained_checkpoint,
+                                                               experts, heads)
+        self.tasks = list(states)
+        if merge == "checkpoint":
+            if not merged_checkpoint:
+                raise ValueError("model.init_args.merged_checkpoint is required with merge: checkpoint")
+            self.merged = create_model(model, False, merged_checkpoint, model_kwargs, key="model.init_args.merged")
+        else:
+            encoder.load_state_dict(merged_state(base, list(states.values()), merge, scaling, ties_top_k, ties_merge,
+                                                 ties_per_tensor))
+            self.merged = encoder
+        freeze(self.merged)
+        self.experts = nn.ModuleList()
+        for state in states.values():
+            expert = create_model(model, False, None, model_kwargs, key="model.init_args.model")
+            expert.load_state_dict(state)
+            self.experts.append(freeze(expert))
+        self.heads = TaskHeads(head_weights)
+        self.blocks = find_blocks(self.merged) if version == "v2" else None
+        widths, proj = self._widths()
+        self.surgery = nn.ModuleDict({  # per task: [block 1..L (V2 only), final representation]
+            task: nn.ModuleList([LowRankCorrection(w, rank) for w in widths] + [LowRankCorrection(proj, rank)])
+            for task in self.tasks
+        })
+        self.acc = nn.ModuleDict({
+            f"val_acc_{t}": torchmetrics.Accuracy(task="multiclass", num_classes=head_weights[t].shape[0]) for t in self.tasks
+        })
+        self._cache: dict[tuple[str, str], dict[int, list[Tensor]]] = {}
+
+    def _widths(self) -> tuple[list[int], int]:
+        embed = getattr(self.merged, "patch_embed", None)
+        size = getattr(embed, "img_size", (224, 224))
+        chans = getattr(getattr(embed, "proj", None), "in_channels", 3)
+        blocks = self.blocks if self.blocks is not None else find_blocks(self.merged)
+        widths, proj = block_widths(self.merged, blocks, torch.zeros(1, chans, *size))
+        return (widths if self.blocks is not None else []), proj
+
+    # ------------------------------------------------------------------ forward
+    def _final(self, z: Tensor) -> Tensor:
+        return F.normalize(z, dim=-1) if self.hparams.correct == "normalized" else z
+
+    def _levels(self, encoder: nn.Module, images: Tensor, task: str | None) -> list[Tensor]:
+        """Token means after every block (V2) and the final representation, corrected for ``task`` if given."""
+        levels: list[Tensor] = []
+        if self.blocks is None:
+            return [self._correct(task, self._final(encoder(images)))]
+
+        def edit(index: int, hidden: Tensor) -> Tensor:
+            if task is not None:
+                hidden = hidden - self.surgery[task][index](hidden)  # Eq. (S4), on every token
+            levels.append(hidden.mean(1))
+            return hidden
+
+        with edited_blocks(find_blocks(encoder), edit):
+            z = self._final(encoder(images))
+        return levels + [self._correct(task, z)]
+
+    def _correct(self, task: str | None, z: Tensor) -> Tensor:
+        return z if task is None else z - self.surgery[task][-1](z)  # Eq. (S2)
+
+    def forward(self, images: Tensor, task: str) -> Tensor:
+        """Logits of ``task``'s head on the corrected representation of the merged model."""
+        return self.heads(self._levels(self.merged, images, task)[-1], task)
+
+    def _frozen(self, kind: str, task: str, batch: dict[str, Tensor], compute) -> list[Tensor]:
+        """Outputs of a frozen model for a batch, cached per image index when ``cache_features``."""
+        if not self.hparams.cache_features:
+            return compute(batch["image"])
+        store = self._cache.setdefault((kind, task), {})
+        index = batch["index"].tolist()
+        missing = [i for i, idx in enumerate(index) if idx not in store]
+        if missing:
+            outs = compute(batch["image"][missing])
+            for j, i in enumerate(missing):
+                store[index[i]] = [o[j] for o in outs]
+        return [torch.stack([store[idx][level] for idx in index]) for level in range(len(store[index[0]]))]
+
+    @torch.no_grad()
+    def _targets(self, task: str, batch: dict[str, Tensor]) -> list[Tensor]:
+        expert = self.experts[self.tasks.index(task)]
+        return self._frozen("expert", task, batch, lambda x: self._levels(expert, x, None))
+
+    def _loss(self, task: str, batch: dict[str, Tensor]) -> Tensor:
+        if task not in self.tasks:
+            raise ValueError(f"batch of task {task!r} has no expert/head; model.init_args.experts has {self.tasks}")
+        targets = self._targets(task, batch)
+        if self.blocks is None:  # V1: the merged representation never changes, so it can be cached
+            with torch.no_grad():
+                z = self._frozen("merged", task, batch, lambda x: [self._final(self.merged(x))])[0]
+            outs = [self._correct(task, z)]
+        else:
+            outs = self._levels(self.merged, batch["image"], task)
+        return sum(F.l1_loss(o, t) for o, t in zip(outs, targets, strict=True))  # Eq. (S3)/(S5)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        # The released code steps once per task in task order; the tasks share no parameters and Adam
+        # is per-parameter, so one step on the summed loss is the same update (torch >= 2, where
+        # zero_grad frees gradients) and needs a single backward, without DDP's unused-parameter search.
+        losses = {task: self._loss(task, part) for task, part in batch.items()}
+        total = sum(losses.values())
+        self.log_dict({f"train/loss_{t}": v.detach() for t, v in losses.items()})
+        self.log("train/loss", total.detach(), prog_bar=True)
+        return total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = batch["task"][0]
+        if task not in self.tasks:
+            raise ValueError(f"validation task {task!r} has no expert/head; model.init_args.experts has {self.tasks}")
+        z = self._levels(self.merged, batch["image"], task)[-1]
+        target = self._levels(self.experts[self.tasks.index(task)], batch["image"], None)[-1]
+        self.acc[f"val_acc_{task}"](self.heads(z, task), batch["label"])
+        self.log(f"val/acc_{task}", self.acc[f"val_acc_{task}"], add_dataloader_idx=False)
+        self.log(f"val/bias_{task}", (z - target).abs().mean(), add_dataloader_idx=False)  # Eq. (S1)
+
+    def on_validation_epoch_end(self) -> None:
+        accs = [self.acc[f"val_acc_{t}"].compute() for t in self.tasks if self.acc[f"val_acc_{t}"].update_called]
+        if accs:
+            self.log("val/acc", torch.stack(accs).mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.surgery.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+
+class AdaMergingModule(L.LightningModule):
+    """AdaMerging (Yang et al., ICLR 2024): learn merging coefficients by entropy minimisation on unlabelled data.
+
+    ``theta = theta_0 + sum_k lambda_k tau_k`` with one coefficient per task (task-wise) or per task and
+    parameter tensor (layer-wise); lambda starts at 0.3, is clamped to [0, 1] where used, and Adam
+    (lr 1e-3) minimises the summed mean entropy of every task head's predictions on that task's
+    unlabelled images. ``vectors: ties`` is AdaMerging++ (coefficients of the TIES-selected vectors).
+    At the end of ``fit`` the merged encoder is written to ``export_path`` for ``SurgeryModule``.
+
+    Args:
+        model: timm model name of the encoder.
+        model_kwargs: extra ``timm.create_model`` arguments.
+        pretrained: build the pre-trained encoder with timm's weights (local cache when offline).
+        pretrained_checkpoint: local weights of the pre-trained encoder.
+        experts: ``{task: weights file}`` of the fine-tuned encoders.
+        heads: ``{task: head file}``; by default ``<expert>.head.safetensors``.
+        granularity: ``task`` (K coefficients) or ``layer`` (K x number of float tensors).
+        vectors: ``task`` (plain task vectors) or ``ties`` (AdaMerging++: TIES-selected vectors).
+        ties_top_k: TIES keep fraction for ``vectors: ties``.
+        init: initial coefficient (0.3).
+        clamp: clamp coefficients to [0, 1] where used (the original; FusionBench does not).
+        lr: Adam learning rate (1e-3).
+        export_path: where the merged encoder is written (safetensors) at the end of ``fit``; the
+            coefficients go next to it as ``<name>.coefficients.safetensors``.
+    """
+
+    def __init__(
+        self,
+        model: str = "vit_tiny_patch16_224",
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        pretrained_checkpoint: str | None = None,
+        experts: dict[str, str] | None = None,
+        heads: dict[str, str] | None = None,
+        granularity: Literal["task", "layer"] = "layer",
+        vectors: Literal["task", "ties"] = "task",
+        ties_top_k: float = 0.2,
+        init: float = 0.3,
+        clamp: bool = True,
+        lr: float = 1e-3,
+        export_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        encoder, base, states, head_weights = load_task_models(model, model_kwargs, pretrained, pretrained_checkpoint,
+                                                               experts, heads)
+        self.tasks, self.encoder, self.heads = list(states), freeze(encoder), TaskHeads(head_weights)
+        finetuned = list(states.values())
+        taus = (merging.ties_selected(base, finetuned, ties_top_k) if vectors == "ties"
+                else [merging.task_vector(s, base) for s in finetuned])
+        self.keys = list(base)
+        self.layers = merging.layer_keys(base)
+        for i, k in enumerate(self.keys):  # buffers follow the module to its device; not checkpointed
+            self.register_buffer(f"base_{i}", base[k], persistent=False)
+        for i, k in enumerate(self.layers):
+            self.register_buffer(f"tau_{i}", torch.stack([t[k] for t in taus]), persistent=False)
+        shape = (len(self.tasks),) if granularity == "task" else (len(self.tasks), len(self.layers))
+        self.coefficients = nn.Parameter(torch.full(shape, float(init)))
+        self.acc = nn.ModuleDict({
+            f"val_acc_{t}": torchmetrics.Accuracy(task="multiclass", num_classes=head_weights[t].shape[0]) for t in self.tasks
+        })
+
+    def lambdas(self) -> Tensor:
+        """The coefficients as used: clamped to [0, 1] unless ``clamp`` is off."""
+        return self.coefficients.clamp(0.0, 1.0) if self.hparams.clamp else self.coefficients
+
+    def merged_params(self) -> dict[str, Tensor]:
+        base = {k: getattr(self, f"base_{i}") for i, k in enumerate(self.keys)}
+        taus = [getattr(self, f"tau_{i}") for i in range(len(self.layers))]
+        vectors = [{k: taus[i][j] for i, k in enumerate(self.layers)} for j in range(len(self.tasks))]
+        return merging.combine(base, vectors, self.lambdas())
+
+    def _represent(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(self.encoder, params, (images,))
+
+    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        params = self.merged_params()
+        unknown = sorted(set(batch) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"batches of tasks {unknown} have no expert/head; model.init_args.experts has {self.tasks}")
+        z = self._represent(torch.cat([b["image"] for b in batch.values()]), params).split(
+            [len(b["image"]) for b in batch.values()])
+        losses = {t: entropy(self.heads(zt, t)) for t, zt in zip(batch, z)}  # entropy of each task's head
+        loss = sum(losses.values())
+        self.log_dict({f"train/entropy_{t}": v.detach() for t, v in losses.items()})
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        with torch.no_grad():
+            self._eval_params = {k: v.detach() for k, v in self.merged_params().items()}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = batch["task"][0]
+        logits = self.heads(self._represent(batch["image"], self._eval_params), task)
+        self.acc[f"val_acc_{task}"](logits, batch["label"])
+        self.log(f"val/acc_{task}", self.acc[f"val_acc_{task}"], add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        accs = [self.acc[f"val_acc_{t}"].compute() for t in self.tasks if self.acc[f"val_acc_{t}"].update_called]
+        if accs:
+            self.log("val/acc", torch.stack(accs).mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.coefficients], lr=self.hparams.lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def merged_encoder(self) -> nn.Module:
+        """A copy of the encoder holding the merged weights (clamped coefficients)."""
+        encoder = create_model(self.hparams.model, False, None, self.hparams.model_kwargs)
+        with torch.no_grad():
+            encoder.load_state_dict({k: v.detach().cpu() for k, v in self.merged_params().items()})
+        return encoder
+
+    def on_fit_end(self) -> None:
+        if self.global_rank == 0 and self.hparams.export_path:
+            path = export_weights(self.merged_encoder(), self.hparams.export_path)
+            coeffs = nn.Module()
+            coeffs.register_buffer("lambdas", self.lambdas().detach().cpu())
+            export_weights(coeffs, path.with_name(path.name.removesuffix(".safetensors") + ".coefficients.safetensors"))

@@ -1,0 +1,112 @@
+"""Fine-tune one encoder per task from a shared pre-trained backbone: the experts that get merged.
+
+Model merging (task arithmetic, TIES, AdaMerging, Surgery) needs K experts fine-tuned from the same
+theta_0 with frozen heads (mlfoundations/task_vectors freezes CLIP's zero-shot text heads and trains
+the image tower only). Offline there is no CLIP, so this module also pre-trains theta_0 (``head:
+learned``: a trainable cosine classifier on the pre-training task) and, for each expert, builds a
+zero-shot-like head from theta_0's class-mean features (``head: prototype``), freezes it and
+fine-tunes the encoder. The encoder and its head are written as safetensors
+(``<export_path>`` and ``<name>.head.safetensors``) for ``AdaMergingModule`` and ``SurgeryModule``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from core.timm_models import create_model, export_weights
+from lit_modules.surgery_parts import head_path, prototype_head
+
+
+class ExpertModule(L.LightningModule):
+    """Train a timm encoder (its output is the representation) with a cosine-classifier head.
+
+    Args:
+        model: timm model name; its output (e.g. ``num_classes=48`` as a projection) is the representation.
+        model_kwargs: extra ``timm.create_model`` arguments.
+        pretrained: start from timm's pretrained weights (local cache when offline).
+        checkpoint: local weights to start from (theta_0 for experts).
+        num_classes: classes of the task.
+        head: ``learned`` trains the head with the encoder (pre-training); ``prototype`` builds it from
+            the starting encoder's class means on the training data and freezes it (experts).
+        logit_scale: temperature of the prototype head (CLIP's exp(logit_scale) = 100).
+        lr: peak AdamW learning rate (one-cycle: linear warm-up, cosine decay).
+        weight_decay: AdamW weight decay (0.1 in task_vectors).
+        warmup: fraction of the steps spent warming up.
+        export_path: where the encoder is written at the end of ``fit`` (its head next to it).
+    """
+
+    def __init__(
+        self,
+        model: str = "vit_tiny_patch16_224",
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        checkpoint: str | None = None,
+        num_classes: int = 10,
+        head: Literal["learned", "prototype"] = "prototype",
+        logit_scale: float = 100.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup: float = 0.1,
+        export_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = create_model(model, pretrained, checkpoint, model_kwargs, key="model.init_args.model")
+        dim = self.encoder(torch.zeros(1, *self._input_shape())).shape[-1]
+        self.head = nn.Linear(dim, num_classes, bias=False)
+        self.head.requires_grad_(head == "learned")
+        self.acc = nn.ModuleDict({f"{s}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+                                  for s in ("train", "val")})
+
+    def _input_shape(self) -> tuple[int, ...]:
+        embed = self.encoder.patch_embed
+        return (embed.proj.in_channels, *embed.img_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return F.normalize(self.encoder(images), dim=-1) @ self.head.weight.T
+
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        if self.hparams.head != "prototype":
+            return
+        features, labels = [], []
+        for batch in self.trainer.train_dataloader:
+            features.append(self.encoder(batch["image"].to(self.device)))
+            labels.append(batch["label"].to(self.device))
+        features, labels = torch.cat(features), torch.cat(labels)
+        if self.trainer.world_size > 1:  # every rank builds the same head from all ranks' shards
+            features, labels = self.all_gather(features).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
+        self.head.weight.copy_(prototype_head(features, labels, self.hparams.num_classes, self.hparams.logit_scale))
+
+    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits, batch["label"])
+        self.acc[f"{split}_acc"](logits, batch["label"])
+        self.log_dict({f"{split}/loss": loss, f"{split}/acc": self.acc[f"{split}_acc"]}, prog_bar=True,
+                      add_dataloader_idx=False)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=max(2, int(self.trainer.estimated_stepping_batches)),
+            pct_start=self.hparams.warmup, anneal_strategy="cos", cycle_momentum=False)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.global_rank == 0 and self.hparams.export_path:
+            export_weights(self.encoder, self.hparams.export_path)
+            export_weights(self.head, head_path(self.hparams.export_path))

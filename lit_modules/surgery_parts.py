@@ -1,0 +1,134 @@
+"""Plain modules and loaders shared by the surgery modules: low-rank corrections, heads, experts.
+
+- :class:`LowRankCorrection` is the Surgery module ``Phi(z) = W_up ReLU(W_down z)`` (no biases,
+  ``W_up`` zero-initialised so that the corrected model starts as the plain merge).
+- :class:`TaskHeads` holds one frozen classification head per task, applied to the L2-normalised
+  representation (zero-shot CLIP heads, or the demo's class-prototype heads, carry the logit scale).
+- :func:`load_task_models` builds the pre-trained encoder and reads the experts' weights and heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.merging import check_compatible
+from core.timm_models import create_model, load_state_dict
+
+HEAD_SUFFIX = ".head.safetensors"
+
+
+class LowRankCorrection(nn.Module):
+    """``Phi(x) = W_up ReLU(W_down x)``, applied to the last dimension; outputs the bias to subtract.
+
+    Args:
+        dim: width of the representation it corrects.
+        rank: hidden width ``r`` (16 in the papers for ViT-B).
+    """
+
+    def __init__(self, dim: int = 512, rank: int = 16) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"model.init_args.rank must be >= 1, got {rank}")
+        self.down = nn.Linear(dim, rank, bias=False)  # Kaiming-uniform (a = sqrt 5), PyTorch's default
+        self.up = nn.Linear(rank, dim, bias=False)
+        nn.init.zeros_(self.up.weight)  # Phi == 0 at step 0: the corrected model is the plain merge
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(F.relu(self.down(x)))
+
+
+class TaskHeads(nn.Module):
+    """Frozen per-task linear heads on the L2-normalised representation: ``logits = W_t z / |z|``.
+
+    Args:
+        weights: ``{task: (num_classes, dim)}`` head matrices (logit scale included).
+    """
+
+    def __init__(self, weights: Mapping[str, Tensor] | None = None) -> None:
+        super().__init__()
+        self.tasks = list(weights or {})
+        for i, task in enumerate(self.tasks):
+            self.register_buffer(f"head_{i}", weights[task].detach().float().clone())
+
+    def weight(self, task: str) -> Tensor:
+        if task not in self.tasks:
+            raise ValueError(f"task {task!r} has no head: add it to model.init_args.experts (known: {self.tasks})")
+        return getattr(self, f"head_{self.tasks.index(task)}")
+
+    def forward(self, z: Tensor, task: str) -> Tensor:
+        return F.normalize(z, dim=-1) @ self.weight(task).T
+
+
+def prototype_head(features: Tensor, labels: Tensor, num_classes: int, logit_scale: float = 100.0) -> Tensor:
+    """A zero-shot-like head from class means of features: rows ``scale * mean_c / |mean_c|``.
+
+    Stand-in for CLIP's text heads when no text encoder exists (the demo): built once from the
+    pre-trained encoder, then frozen while the expert is fine-tuned (as task_vectors freezes heads).
+    """
+    present = labels.unique()
+    if len(present) != num_classes:
+        missing = sorted(set(range(num_classes)) - set(present.tolist()))
+        raise ValueError(f"prototype head: classes {missing} have no training examples (data.init_args.tasks)")
+    normed = F.normalize(features.float(), dim=-1)
+    means = torch.stack([normed[labels == c].mean(0) for c in range(num_classes)])
+    return logit_scale * F.normalize(means, dim=-1)
+
+
+def head_path(expert_path: str | Path) -> Path:
+    """Where an expert's head is stored next to its weights: ``name.safetensors`` -> ``name.head.safetensors``."""
+    path = Path(expert_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + HEAD_SUFFIX)
+
+
+def load_task_models(
+    model: str,
+    model_kwargs: dict[str, Any] | None,
+    pretrained: bool,
+    pretrained_checkpoint: str | None,
+    experts: Mapping[str, str] | None,
+    heads: Mapping[str, str] | None = None,
+) -> tuple[nn.Module, dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """Build the pre-trained encoder and read the experts' state dicts and heads, with named errors.
+
+    Returns:
+        ``(encoder, pretrained_state, {task: expert_state}, {task: head_weight})``.
+    """
+    if not experts:
+        raise ValueError("model.init_args.experts is empty: give {task: expert weights file} for at least one task")
+    encoder = create_model(model, pretrained, pretrained_checkpoint, model_kwargs, key="model.init_args.model")
+    base = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    states = {task: load_state_dict(path, key=f"model.init_args.experts.{task}") for task, path in experts.items()}
+    check_compatible(base, list(states.values()), [f"model.init_args.experts.{t}" for t in states])
+    heads = dict(heads or {})
+    unknown = sorted(set(heads) - set(experts))
+    if unknown:
+        raise ValueError(f"model.init_args.heads has tasks {unknown} without an expert in model.init_args.experts")
+    weights = {}
+    for task, path in experts.items():
+        file = heads.get(task) or head_path(path)
+        weights[task] = load_state_dict(file, key=f"model.init_args.heads.{task}")["weight"]
+    return encoder, base, states, weights
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Turn off gradients and dropout for good (merged models, experts, heads are never trained here)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Mean Shannon entropy of ``softmax(logits)`` over the batch (AdaMerging's objective)."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def param_count_rank(depth: int, width: int, proj_dim: int, rank: int) -> int:
+    """V1 rank with the same parameters per task as V2 of ``rank``: (L 2 w r + 2 p r) / (2 p), rounded up."""
+    return math.ceil((depth * 2 * width * rank + 2 * proj_dim * rank) / (2 * proj_dim))

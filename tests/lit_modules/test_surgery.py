@@ -1,0 +1,180 @@
+"""SurgeryModule / AdaMergingModule: step-0 identity, V2 reference forward, caching, bounds, DDP, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import CombinedLoader
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from core import merging
+from core.timm_models import export_weights
+from datamodules.surgery import TaskDataset
+from lit_modules.surgery import AdaMergingModule, SurgeryModule
+
+VIT = {"img_size": 16, "patch_size": 8, "in_chans": 1, "num_classes": 12, "embed_dim": 24, "depth": 2, "num_heads": 2}
+TASKS = {"a": 3, "b": 4}
+
+
+def make_files(root: Path, vit: dict = VIT) -> dict:
+    """theta_0, two experts (theta_0 + noise) with random heads, as the expert stage writes them."""
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", **vit)
+    export_weights(base, root / "pre.safetensors")
+    experts = {}
+    for task, classes in TASKS.items():
+        state = {k: v + 0.05 * torch.randn_like(v) for k, v in base.state_dict().items()}
+        save_file(state, str(root / f"{task}.safetensors"))
+        save_file({"weight": 10 * torch.randn(classes, vit["num_classes"])}, str(root / f"{task}.head.safetensors"))
+        experts[task] = str(root / f"{task}.safetensors")
+    return {"model": "vit_tiny_patch16_224", "model_kwargs": vit, "pretrained_checkpoint": str(root / "pre.safetensors"),
+            "experts": experts}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return make_files(tmp_path_factory.mktemp("surgery"))
+
+
+def loaders(batch: int, n: int = 8, labelled: bool = False) -> CombinedLoader:
+    gen = torch.Generator().manual_seed(1)
+    sets = {t: TaskDataset(t, torch.randn(n, 1, 16, 16, generator=gen), torch.arange(n) % c, labelled) for t, c in TASKS.items()}
+    return CombinedLoader({t: DataLoader(d, batch_size=batch) for t, d in sets.items()}, mode="max_size_cycle")
+
+
+def fit(module: L.LightningModule, steps: int, batch: int = 4, n: int = 8, **kwargs) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0, **kwargs)
+    trainer.fit(module, train_dataloaders=loaders(batch, n))
+    return trainer
+
+
+def surgery_params(module: SurgeryModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.surgery.state_dict().items()}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("merge", ["weight_average", "task_arithmetic", "ties"])
+def test_step_zero_equals_the_plain_merge(files: dict, version: str, merge: str) -> None:
+    module = SurgeryModule(**files, merge=merge, version=version, rank=4).eval()
+    pre = module.experts[0].state_dict()  # any; rebuild the expected merge from the files
+    from core.timm_models import load_state_dict
+
+    base = load_state_dict(files["pretrained_checkpoint"])
+    experts = [load_state_dict(p) for p in files["experts"].values()]
+    expected = {"weight_average": lambda: merging.weight_average(experts),
+                "task_arithmetic": lambda: merging.task_arithmetic(base, experts, 0.3),
+                "ties": lambda: merging.ties_merging(base, experts, 0.2, 0.3)}[merge]()
+    assert all(torch.equal(module.merged.state_dict()[k], expected[k]) for k in pre)
+    x = torch.randn(5, 1, 16, 16)
+    for task in TASKS:
+        plain = F.normalize(module.merged(x), dim=-1) @ module.heads.weight(task).T
+        assert torch.equal(module(x, task), plain)
+
+
+@pytest.mark.parametrize("depth,width", [(2, 24), (3, 32)])
+def test_v2_matches_a_hand_written_forward_on_vits_of_any_depth_and_width(tmp_path, depth, width) -> None:
+    files = make_files(tmp_path, {**VIT, "depth": depth, "embed_dim": width})
+    module = SurgeryModule(**files, version="v2", rank=3).eval()
+    assert [len(m) for m in module.surgery.values()] == [depth + 1] * 2
+    assert [m.down.in_features for m in module.surgery["a"]] == [width] * depth + [12]
+    for p in module.surgery.parameters():
+        torch.nn.init.normal_(p)
+    x, vit, adapters = torch.randn(3, 1, 16, 16), module.merged, module.surgery["b"]
+    h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    for block, phi in zip(vit.blocks, adapters):
+        h = block(h)
+        h = h - phi.up(F.relu(phi.down(h)))
+    z = vit.forward_head(vit.norm(h))
+    z = z - adapters[-1].up(F.relu(adapters[-1].down(z)))
+    torch.testing.assert_close(module(x, "b"), F.normalize(z, dim=-1) @ module.heads.weight("b").T)
+    assert all(not b._forward_hooks for b in vit.blocks)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_surgery_reduces_the_representation_gap_and_freezes_the_merge(files, version) -> None:
+    module = SurgeryModule(**files, version=version, rank=4, lr=0.01)
+    frozen = {k: v.clone() for k, v in module.merged.state_dict().items()}
+    batch = next(iter(loaders(8)))[0]
+    before = sum(module._loss(t, b) for t, b in batch.items()).item()
+    fit(module, steps=80, batch=8)
+    after = sum(module._loss(t, b) for t, b in batch.items()).item()
+    assert after < 0.8 * before
+    assert all(torch.equal(module.merged.state_dict()[k], v) for k, v in frozen.items())
+
+
+def test_cached_v1_equals_uncached_v1_step_for_step(files) -> None:
+    results = []
+    for cache in (True, False):
+        torch.manual_seed(3)
+        module = SurgeryModule(**files, version="v1", rank=4, cache_features=cache)
+        fit(module, steps=12)
+        results.append(surgery_params(module))
+    assert results[0].keys() == results[1].keys()
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k])
+
+
+@pytest.mark.slow
+def test_ddp_spawn_training_equals_single_process(files) -> None:
+    """2 processes with batch 2 each == 1 process with batch 4 on the same images (mean L1 is additive).
+
+    Each task has 4 images, so every step sees all of them whatever order DistributedSampler picks.
+    """
+    results = []
+    for devices, batch, strategy in ((1, 4, "auto"), (2, 2, "ddp_spawn")):
+        torch.manual_seed(5)
+        module = SurgeryModule(**files, version="v2", rank=4, lr=0.01)
+        fit(module, steps=6, batch=batch, n=4, devices=devices, strategy=strategy)
+        results.append(surgery_params(module))
+    assert any(v.abs().sum() > 0 for k, v in results[0].items() if "up" in k)  # it trained
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_adamerging_coefficients_stay_in_bounds_and_task_wise_is_task_arithmetic(files, tmp_path) -> None:
+    module = AdaMergingModule(**files, granularity="layer", lr=0.5, export_path=str(tmp_path / "m.safetensors"))
+    assert module.coefficients.shape == (2, len(module.layers)) and torch.all(module.coefficients == 0.3)
+    fit(module, steps=10)
+    lam = module.lambdas()
+    assert lam.min() >= 0 and lam.max() <= 1 and not torch.allclose(lam, torch.full_like(lam, 0.3))
+    assert (tmp_path / "m.safetensors").is_file() and (tmp_path / "m.coefficients.safetensors").is_file()
+    task_wise = AdaMergingModule(**files, granularity="task", init=0.4)
+    from core.timm_models import load_state_dict
+
+    expected = merging.task_arithmetic(load_state_dict(files["pretrained_checkpoint"]),
+                                       [load_state_dict(p) for p in files["experts"].values()], 0.4)
+    got = task_wise.merged_encoder().state_dict()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k])
+
+
+def test_bad_input_names_the_config_key(files, tmp_path) -> None:
+    bad_shape = make_files(tmp_path, {**VIT, "embed_dim": 32})
+    with pytest.raises(ValueError, match=r"model.init_args.experts.a: .* has shape"):
+        SurgeryModule(**{**files, "experts": {"a": bad_shape["experts"]["a"]}})
+    state = timm.create_model("vit_tiny_patch16_224", **VIT).state_dict()
+    state.pop("cls_token")
+    save_file(state, str(tmp_path / "c.safetensors"))
+    with pytest.raises(ValueError, match=r"model.init_args.experts.c: keys differ .*cls_token"):
+        SurgeryModule(**{**files, "experts": {"c": str(tmp_path / "c.safetensors")}})
+    with pytest.raises(ValueError, match="model.init_args.experts is empty"):
+        AdaMergingModule(**{**files, "experts": {}})
+    with pytest.raises(FileNotFoundError, match="model.init_args.heads.a: no file"):
+        SurgeryModule(**{**files, "heads": {"a": str(tmp_path / "missing.safetensors")}})
+    module = SurgeryModule(**files, version="v1", rank=2)
+    batch = next(iter(loaders(2)))[0]
+    with pytest.raises(ValueError, match="task 'zzz' has no expert/head"):
+        module._loss("zzz", batch["a"])
+    with pytest.raises(ValueError, match="task 'zzz' has no head"):
+        module(torch.randn(1, 1, 16, 16), "zzz")
+    with pytest.raises(ValueError, match="task 'empty' has no images"):
+        TaskDataset("empty", torch.zeros(0, 1, 16, 16), torch.zeros(0))
+    with pytest.raises(ValueError, match="merged_checkpoint is required"):
+        SurgeryModule(**files, merge="checkpoint")
