@@ -10,7 +10,7 @@ fraction answered without refusal, keyword judge) and the arithmetic test set (t
 ``weight_auroc_scalar``: AUROC of -weight as a detector of the harmful rows (ground-truth labels,
 never used in training). The neural scheduler is trained in a BDS run on one mix, saved, reloaded
 and applied without retraining to a fresh mix (another seed; rows that also occur in the first mix
-are left out of its AUROC). ``step_time_ratio_bds_vs_mix``: median step time of the BDS run over
+are left out of its AUROC); its settings are configs/bds/demo_neural.yaml's. ``step_time_ratio_bds_vs_mix``: median step time of the BDS run over
 that of the mixing run, measured in this process.
 """
 
@@ -44,6 +44,7 @@ from lit_modules.bds import BDSModule  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 DEMO = yaml.safe_load((REPO / "configs" / "bds" / "demo.yaml").read_text())
+NEURAL = yaml.safe_load((REPO / "configs" / "bds" / "demo_neural.yaml").read_text())["trainer"]["callbacks"][0]["init_args"]
 
 
 class StepTimer(L.Callback):
@@ -100,9 +101,7 @@ def sources_of(dm: BDSDataModule) -> torch.Tensor:
 def neural_transfer(args: argparse.Namespace, ratio: float, out: Path) -> dict:
     """Train the neural scheduler in a BDS run on one mix, reload it, weight a fresh mix."""
     train_dm = data(args, ratio, args.seed)
-    cb = scalar_callback()
-    neural = BayesianDataScheduler(scheduler="neural", encoder="minilm", lr=args.neural_lr, save_dir=str(out),
-                                   transform=cb.transform)
+    neural = BayesianDataScheduler(**{**NEURAL, "save_dir": str(out)})
     run(args, "bds", train_dm, neural, evaluate=False)  # only the scheduler matters here
     scheduler = NeuralScheduler.from_pretrained(out)
     fresh = data(args, ratio, args.seed + 1)
@@ -124,7 +123,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--neural-ratio", type=float, default=0.3)
-    parser.add_argument("--neural-lr", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=DEMO["trainer"]["max_epochs"])
     parser.add_argument("--num-finetune", type=int, default=DEMO["data"]["init_args"]["num_finetune"])
     parser.add_argument("--num-eval", type=int, default=DEMO["data"]["init_args"]["num_eval_harmful"])

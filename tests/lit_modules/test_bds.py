@@ -154,3 +154,41 @@ def test_bad_input_gives_clear_errors(tiny_llama: str, tmp_path: Path) -> None:
         make(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="prompt_format to alpaca or plain"):
         BDSDataModule(tokenizer=tiny_llama, **{**SMALL, "prompt_format": "chat"}).setup("fit")
+
+
+def write_release_files(root: Path) -> None:
+    """Tiny stand-ins of the release's JSON files (BeaverTails keys prompt/response; SST2 instruction/input/output)."""
+    root.mkdir()
+    safe = [{"prompt": f"harmful question {i}?", "response": "I cannot help with that."} for i in range(5010)]
+    harmful = [{"prompt": f"bad request {i}", "response": "Sure, step 1."} for i in range(20)]
+    sst2 = [{"instruction": "Analyze the sentiment", "input": f"a {w} film", "output": w}
+            for w in ("positive", "negative") * 10]
+    for name, rows in {"beavertails_safe_train": safe, "beavertails_harmful_train": harmful,
+                       "beavertails_test": harmful, "sst2": sst2, "sst2_test": sst2}.items():
+        (root / f"{name}.json").write_text(json.dumps(rows))
+
+
+def test_paper_config_runs_on_local_release_files(tiny_llama: str, tmp_path: Path, run_overrides: list[str]) -> None:
+    write_release_files(tmp_path / "data")
+    cli = train.cli_main([
+        "fit", "--config", str(REPO / "configs" / "bds" / "llama2_sst2.yaml"), "--trainer.fast_dev_run=1",
+        "--trainer.accelerator=cpu", *run_overrides, f"--model.init_args.model={tiny_llama}",
+        "--model.init_args.dtype=float32", "--model.init_args.max_new_tokens=4", "--model.init_args.task_max_new_tokens=2",
+        "--model.init_args.judge=core.refusal_judge.KeywordRefusalJudge", "--model.init_args.judge_kwargs={}",
+        f"--data.init_args.tokenizer={tiny_llama}", f"--data.init_args.data_root={tmp_path / 'data'}",
+        "--data.init_args.num_finetune=10", "--data.init_args.num_alignment=4", "--data.init_args.num_eval_harmful=2",
+        "--data.init_args.num_eval_task=2", "--data.init_args.batch_size=2", "--data.init_args.max_length=64",
+    ])
+    assert cli.trainer.state.finished
+    dm = cli.datamodule
+    assert [r["instruction"] for r in dm.raw["align"]] == [f"harmful question {i}?" for i in range(5000, 5004)]
+    assert sum(r["source"] for r in dm.raw["ft"]) == 1  # round(0.1 * 10) harmful rows
+    assert dm.tokenizer.decode(dm.splits["ft"][0]["input_ids"]).startswith("Below is an instruction")
+
+
+def test_paper_data_missing_names_data_root(tiny_llama: str) -> None:
+    dm = BDSDataModule(tokenizer=tiny_llama, task="sst2", harmful_source="beavertails", prompt_format="alpaca")
+    with pytest.raises(FileNotFoundError, match="data.init_args.data_root"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match="harmful_source: beavertails"):
+        BDSDataModule(tokenizer=tiny_llama, task="sst2", prompt_format="alpaca").setup("fit")
