@@ -132,12 +132,11 @@ def _from_hub(name: str) -> list[dict]:
                  "gold": AGNEWS_LABELS[r["label"]]} for r in rows]
     if name in ("gsm8k", "gsm8k_test"):
         return [_gsm8k_row(r) for r in _hf("gsm8k", "test" if name.endswith("test") else "train", "main")]
-    if name == "alpaca":
-        rows = _hf("tatsu-lab/alpaca_eval", "eval", "alpaca_eval_gpt4_baseline")
-        return [{"instruction": r["instruction"], "input": "", "output": r["output"]} for r in rows[:700]]
-    if name == "alpaca_test":  # scored by an LLM judge (AlpacaEval), not by exact match: no gold
-        rows = _hf("tatsu-lab/alpaca_eval", "eval", "alpaca_eval_gpt4_baseline")
-        return [{"instruction": r["instruction"], "input": ""} for r in rows[700:]]
+    if name in ("alpaca", "alpaca_test"):  # release: GPT-4 outputs of AlpacaEval, 700 train, the rest test
+        rows = [r for r in _hf("tatsu-lab/alpaca_eval", "eval", "alpaca_eval_all_outputs") if r["generator"] == "gpt4"]
+        if name == "alpaca":
+            return [{"instruction": r["instruction"], "input": "", "output": r["output"]} for r in rows[:700]]
+        return [{"instruction": r["instruction"], "input": ""} for r in rows[700:]]  # judged by an LLM: no gold
     raise ValueError(f"unknown dataset {name!r}")
 
 

@@ -181,3 +181,17 @@ def test_neural_scheduler_trains_saves_and_transfers_frozen(tmp_path: Path) -> N
     torch.testing.assert_close(frozen.net.score_texts(texts), scores)
     with pytest.raises(ValueError, match="neural scheduler only"):
         BayesianDataScheduler(scheduler="scalar", trainable=False)
+
+
+def test_weight_histograms_and_detector_metrics_are_logged(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(project="litzoo-test", save_dir=str(tmp_path), offline=True)
+    trainer = L.Trainer(max_epochs=2, callbacks=[BayesianDataScheduler(lr=0.05)], logger=logger, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Toy())
+    summary = dict(logger.experiment.summary)
+    logger.experiment.finish()
+    assert summary["train/weight_histogram"]["_type"] == "histogram"
+    assert trainer.callback_metrics["train/weight_auroc"] == 1.0
+    assert trainer.callback_metrics["train/weight_mean_harmful"] < trainer.callback_metrics["train/weight_mean_benign"]
