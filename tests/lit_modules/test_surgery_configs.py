@@ -1,0 +1,85 @@
+"""Every surgery config runs through the CLI (fast_dev_run) or fails fast naming what to change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import train
+from core.timm_models import export_weights
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs" / "surgery"
+DEMO_VIT = {"img_size": 32, "patch_size": 8, "in_chans": 1, "num_classes": 48, "embed_dim": 96, "depth": 4, "num_heads": 3}
+DEMO_CLASSES = {"photos": 12, "rotation": 4, "digits": 10, "lfw": 2}
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Random stand-ins for the demo's theta_0 and experts (wiring, not quality)."""
+    root = tmp_path_factory.mktemp("surgery_demo")
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", **DEMO_VIT)
+    export_weights(base, root / "pre.safetensors")
+    experts = {}
+    for task, classes in DEMO_CLASSES.items():
+        save_file({k: v + 0.01 * torch.randn_like(v) for k, v in base.state_dict().items()}, str(root / f"{task}.safetensors"))
+        save_file({"weight": torch.randn(classes, 48)}, str(root / f"{task}.head.safetensors"))
+        experts[task] = str(root / f"{task}.safetensors")
+    return {"pre": str(root / "pre.safetensors"), "experts": experts, "root": root}
+
+
+def run(configs: list[str], tmp_path: Path, *extra: str) -> train.LightningCLI:
+    args = ["fit"] + [a for c in configs for a in ("--config", str(CONFIGS / c))]
+    return train.cli_main(args + ["--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}",
+                                  "--trainer.logger=false", "--trainer.enable_progress_bar=false", *extra])
+
+
+@pytest.mark.parametrize("overlay", [None, "demo_expert_rotation.yaml", "demo_expert_lfw.yaml"])
+def test_demo_pretrain_and_expert_stages(demo_files: dict, tmp_path: Path, overlay: str | None) -> None:
+    configs = ["demo_expert.yaml"] + ([overlay] if overlay else [])
+    out = tmp_path / "expert.safetensors"
+    cli = run(configs, tmp_path, f"--model.init_args.checkpoint={demo_files['pre']}", f"--model.init_args.export_path={out}")
+    assert cli.trainer.state.finished and out.is_file() and (tmp_path / "expert.head.safetensors").is_file()
+    head = cli.model.head.weight
+    assert torch.allclose(head.norm(dim=1), torch.full((head.shape[0],), 100.0))  # frozen prototype head
+
+
+def test_demo_pretrain_stage(tmp_path: Path) -> None:
+    out = tmp_path / "pre.safetensors"
+    cli = run(["demo_pretrain.yaml"], tmp_path, f"--model.init_args.export_path={out}")
+    assert cli.trainer.state.finished and out.is_file() and cli.model.head.weight.requires_grad
+
+
+@pytest.mark.parametrize("configs", [["demo.yaml"], ["demo.yaml", "demo_v1.yaml"], ["demo_adamerging.yaml"]])
+def test_demo_merge_and_surgery_stages(demo_files: dict, tmp_path: Path, configs: list[str]) -> None:
+    extra = [f"--model.init_args.pretrained_checkpoint={demo_files['pre']}",
+             f"--model.init_args.experts={json.dumps(demo_files['experts'])}"]
+    if configs == ["demo_adamerging.yaml"]:
+        extra.append(f"--model.init_args.export_path={tmp_path / 'merged.safetensors'}")
+    cli = run(configs, tmp_path, *extra)
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    if configs == ["demo_adamerging.yaml"]:
+        merged = tmp_path / "merged.safetensors"
+        assert merged.is_file()
+        cli = run(["demo.yaml", "demo_adamerging_surgery.yaml"], tmp_path, *extra[:2],
+                  f"--model.init_args.merged_checkpoint={merged}")
+        assert cli.trainer.state.finished
+    else:
+        assert len(cli.model.surgery["photos"]) == (5 if "demo_v1.yaml" not in configs else 1)
+
+
+@pytest.mark.parametrize("config", ["vit_b32_adamerging.yaml", "vit_b16_surgery.yaml", "vit_l14_surgery_v2.yaml"])
+def test_paper_configs_fail_fast_without_weights_or_data(config: str, tmp_path: Path) -> None:
+    with pytest.raises((RuntimeError, ValueError), match="could not load pretrained weights"):
+        run([config], tmp_path)
+
+
+def test_paper_config_names_the_missing_expert(tmp_path: Path) -> None:
+    with pytest.raises((FileNotFoundError, ValueError), match="model.init_args.experts.SUN397: no file at /data/surgery/ViT-B-32"):
+        run(["vit_b32_surgery.yaml"], tmp_path, "--model.init_args.pretrained=false")
