@@ -12,10 +12,11 @@ Full mode first tunes on a validation split (``val_per_class`` training examples
 ``eval_split: val``, seeds 100-102): the learning rate of each base learner, then refresh's delta at
 that learning rate. The chosen settings then run on the test split with seeds 0-4. Reported per
 method: final average class-IL and task-IL accuracy and class-IL forgetting (mammoth's formulas), mean
-and standard deviation over seeds per stream; the top-level entries average the two streams (the mean
+and standard deviation over seeds per stream, and the paired per-seed class-IL gain of refresh; the top-level entries average the two streams (the mean
 of the per-stream means and of the per-stream standard deviations). ``step_time_ratio_refresh`` is the
 mean wall time of a training step (unlearning included, the once-per-task Fisher pass excluded; the
-whole-fit ratio is reported next to it) of DER++ + refresh over DER++ on Split-MNIST-5k.
+whole-fit ratio is reported next to it) of DER++ + refresh over DER++ on Split-MNIST-5k: the median
+over 5 back-to-back pairs of runs, because the load of the shared machine drifts.
 """
 
 from __future__ import annotations
@@ -123,6 +124,18 @@ def tune(streams: list[str], bar: tqdm, epochs: int | None) -> tuple[dict, dict]
     return tried, chosen
 
 
+def step_time_ratio(lr: float, delta: float, pairs: int, bar: tqdm) -> dict:
+    """DER++ and DER++ + refresh on Split-MNIST-5k (1 epoch per task), run alternately ``pairs`` times; on a
+    shared machine the load drifts, so the ratio is the median of the ratios of back-to-back runs."""
+    steps: dict[str, list[float]] = {"derpp": [], "derpp+refresh": []}
+    for seed in range(pairs):
+        for name, d in (("derpp", None), ("derpp+refresh", delta)):
+            steps[name].append(run("split_mnist5k", "derpp", lr, d, seed, "test", 1)["step_seconds"])
+            bar.update(1)
+    ratios = [r / b for r, b in zip(steps["derpp+refresh"], steps["derpp"])]
+    return {"ratio": statistics.median(ratios), "pair_ratios": ratios, "step_seconds": steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch per task, no tuning (~1 min)")
@@ -132,7 +145,8 @@ def main() -> None:
     streams, seeds = list(STREAMS), TEST_SEEDS[:1] if args.quick else TEST_SEEDS
     epochs = 1 if args.quick else None
     tuning_runs = 0 if args.quick else len(streams) * len(BASES) * (len(LR_GRID) + len(DELTA_GRID)) * len(TUNE_SEEDS)
-    bar = tqdm(total=tuning_runs + len(streams) * len(BASES) * 2 * len(seeds), desc="runs")
+    pairs = 1 if args.quick else 5
+    bar = tqdm(total=tuning_runs + len(streams) * len(BASES) * 2 * len(seeds) + 2 * pairs, desc="runs")
     if args.quick:
         tried = {}
         chosen = {f"{s}/{b}": {"lr": DEFAULT_LR, "delta": DEFAULT_DELTA} for s in streams for b in BASES}
@@ -152,9 +166,15 @@ def main() -> None:
             for key, metric in (("class_il", "final_avg_acc_class_il"), ("task_il", "final_avg_acc_task_il"),
                                 ("forgetting", "forgetting_class_il"))
         }
+        # same seed = same initialisation, data order and buffer draws: the per-seed difference is paired
+        per_stream[stream]["paired_gain_class_il"] = {
+            base: mean_std([r["final_avg_acc_class_il"] - b["final_avg_acc_class_il"]
+                            for r, b in zip(rows[f"{base}+refresh"], rows[base])]) for base in BASES}
         timing[stream] = {name: {"step_seconds": statistics.fmean(r["step_seconds"] for r in runs),
                                  "fit_seconds": statistics.fmean(r["fit_seconds"] for r in runs)}
                           for name, runs in rows.items()}
+    mnist_derpp = chosen["split_mnist5k/derpp"]
+    timed = step_time_ratio(mnist_derpp["lr"], mnist_derpp["delta"], pairs, bar)
     bar.close()
     methods = [m for b in BASES for m in (b, f"{b}+refresh")]
     result: dict = {
@@ -163,7 +183,8 @@ def main() -> None:
         for key in ("class_il", "task_il", "forgetting")
     }
     main_timing = timing["split_mnist5k"]
-    result["step_time_ratio_refresh"] = main_timing["derpp+refresh"]["step_seconds"] / main_timing["derpp"]["step_seconds"]
+    result["step_time_ratio_refresh"] = timed["ratio"]
+    result["step_time_pairs"] = timed
     result["fit_time_ratio_refresh"] = main_timing["derpp+refresh"]["fit_seconds"] / main_timing["derpp"]["fit_seconds"]
     gains = {b: result["class_il"][f"{b}+refresh"]["mean"] - result["class_il"][b]["mean"] for b in BASES}
     result["targets"] = {
@@ -183,8 +204,11 @@ def main() -> None:
                      for k in ("class_il", "task_il", "forgetting")]
             print(f"{stream:<15} {m:<15} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
                   f"{1000 * timing[stream][m]['step_seconds']:8.2f}")
-    print(f"step time ratio (DER++ + refresh / DER++, Split-MNIST-5k): {result['step_time_ratio_refresh']:.2f}; "
-          f"whole fit: {result['fit_time_ratio_refresh']:.2f}")
+    for stream in streams:
+        print(f"{stream}: paired class-IL gain of refresh (points, mean ± std over seeds): " + ", ".join(
+            f"{b} {100 * g['mean']:+.2f} ± {100 * g['std']:.2f}" for b, g in per_stream[stream]["paired_gain_class_il"].items()))
+    print(f"step time ratio (DER++ + refresh / DER++, Split-MNIST-5k, median of {pairs} back-to-back pairs): "
+          f"{result['step_time_ratio_refresh']:.2f}; whole fit (accuracy runs): {result['fit_time_ratio_refresh']:.2f}")
     print("targets:", json.dumps(result["targets"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -140,15 +140,16 @@ class RefreshLearning(L.Callback):
 
     @torch.no_grad()
     def _move(self, named: list[tuple[str, Tensor]], grads: list[Tensor], global_step: int, step: int) -> None:
-        device = named[0][1].device
+        device, dtype = named[0][1].device, named[0][1].dtype
         gen = keyed_generator(self.seed, NOISE_KEY, global_step, step, device=device)
-        for (name, param), grad in zip(named, grads):
-            noise = torch.randn(param.shape, generator=gen, device=device, dtype=param.dtype)
+        # one draw for all tensors (a randn call per tensor costs more than the draw on small networks)
+        noises = torch.randn(sum(p.numel() for _, p in named), generator=gen, device=device, dtype=dtype)
+        for (name, param), grad, noise in zip(named, grads, noises.split([p.numel() for _, p in named])):
             fisher = self.fisher.get(name)
             if fisher is not None and fisher.device != device:
                 fisher = self.fisher[name] = fisher.to(device)
             param.add_(unlearning_displacement(
-                param, grad.view_as(param), fisher, noise, delta=self.delta, normalize=self.normalize,
+                param, grad.view_as(param), fisher, noise.view_as(param), delta=self.delta, normalize=self.normalize,
                 preconditioner=self.preconditioner, damping=self.damping, noise_mode=self.noise,
                 noise_scale=self.noise_scale))
 
