@@ -1,6 +1,6 @@
 """ER and DER++ with and without refresh learning on the CPU demo streams, side by side.
 
-    python benchmarks/refresh.py --out benchmarks/results/refresh.json   # full (~10 min on 2 CPU cores)
+    python benchmarks/refresh.py --out benchmarks/results/refresh.json   # full (~8 min on 2 CPU cores)
     python benchmarks/refresh.py --quick                                 # smoke check (~1 min)
 
 Streams: Split-MNIST-5k (5 tasks x 2 classes; 400 train / 100 test digits per class) and Split-digits
