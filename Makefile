@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 DEMO := runs/smi/demo
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo demo-refresh test lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ demo: $(STAMP)
 	$(PY) train.py fit --config configs/smi/demo_ptq.yaml
 	$(PY) train.py test --config configs/smi/demo_ptq.yaml --ckpt_path $(DEMO)/ptq/last.ckpt
 	@echo "Inverted images: $(DEMO)/inverted/*.png"
+
+# Refresh learning on the two demo streams (Split-MNIST-5k, then Split-digits), DER++ + refresh.
+demo-refresh: $(STAMP)
+	$(PY) train.py fit --config configs/refresh/demo.yaml
+	$(PY) train.py fit --config configs/refresh/demo.yaml --config configs/refresh/demo_digits.yaml
 
 clean-demo:
 	rm -rf $(DEMO)
