@@ -85,6 +85,20 @@ def test_sft_mode_equals_a_plain_finetune(tiny_llama: str) -> None:
     assert any(not torch.equal(got[n], p) for n, p in lora_state(make(tiny_llama)[0]).items())
 
 
+def test_weights_from_a_callback_scale_the_fine_tuning_loss(tiny_llama: str) -> None:
+    class ZeroWeights(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            module.set_sample_weights(torch.zeros(len(batch["ft"]["index"])))
+
+    module, dm = make(tiny_llama, mode="weighted_only", weight_decay=0.0)
+    before = lora_state(module)
+    fit(module, dm, [ZeroWeights()])
+    assert all(torch.equal(before[n], p) for n, p in lora_state(module).items())  # weight 0: no update at all
+    unweighted, dm = make(tiny_llama, mode="weighted_only", weight_decay=0.0)
+    fit(unweighted, dm)
+    assert any(not torch.equal(before[n], p) for n, p in lora_state(unweighted).items())
+
+
 def test_resume_restores_scheduler_weights_and_lora(tiny_llama: str, tmp_path: Path) -> None:
     def callback() -> BayesianDataScheduler:
         return BayesianDataScheduler(lr=0.05)
