@@ -28,13 +28,20 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import Tensor, nn
 
 from core import merging
 from core.block_hooks import block_widths, edited_blocks, find_blocks
 from core.timm_models import create_model, export_weights
-from lit_modules.surgery_parts import LowRankCorrection, TaskHeads, entropy, freeze, load_task_models
+from lit_modules.surgery_parts import (
+    LowRankCorrection,
+    TaskHeads,
+    entropy,
+    freeze,
+    load_task_models,
+    log_mean_accuracy,
+    task_accuracies,
+)
 
 
 def merged_state(pretrained: dict[str, Tensor], experts: list[dict[str, Tensor]], merge: str, scaling: float,
@@ -123,9 +130,7 @@ class SurgeryModule(L.LightningModule):
             task: nn.ModuleList([LowRankCorrection(w, rank) for w in widths] + [LowRankCorrection(proj, rank)])
             for task in self.tasks
         })
-        self.acc = nn.ModuleDict({
-            f"val_acc_{t}": torchmetrics.Accuracy(task="multiclass", num_classes=head_weights[t].shape[0]) for t in self.tasks
-        })
+        self.acc = task_accuracies(head_weights)
         self._cache: dict[tuple[str, str], dict[int, list[Tensor]]] = {}
 
     def _widths(self) -> tuple[list[int], int]:
@@ -211,13 +216,12 @@ class SurgeryModule(L.LightningModule):
         z = self._levels(self.merged, batch["image"], task)[-1]
         target = self._levels(self.experts[self.tasks.index(task)], batch["image"], None)[-1]
         self.acc[f"val_acc_{task}"](self.heads(z, task), batch["label"])
-        self.log(f"val/acc_{task}", self.acc[f"val_acc_{task}"], add_dataloader_idx=False)
-        self.log(f"val/bias_{task}", (z - target).abs().mean(), add_dataloader_idx=False)  # Eq. (S1)
+        n = len(batch["label"])
+        self.log(f"val/acc_{task}", self.acc[f"val_acc_{task}"], add_dataloader_idx=False, batch_size=n)
+        self.log(f"val/bias_{task}", (z - target).abs().mean(), add_dataloader_idx=False, batch_size=n)  # Eq. (S1)
 
     def on_validation_epoch_end(self) -> None:
-        accs = [self.acc[f"val_acc_{t}"].compute() for t in self.tasks if self.acc[f"val_acc_{t}"].update_called]
-        if accs:
-            self.log("val/acc", torch.stack(accs).mean(), prog_bar=True)
+        log_mean_accuracy(self, self.acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.surgery.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -281,9 +285,7 @@ class AdaMergingModule(L.LightningModule):
             self.register_buffer(f"tau_{i}", torch.stack([t[k] for t in taus]), persistent=False)
         shape = (len(self.tasks),) if granularity == "task" else (len(self.tasks), len(self.layers))
         self.coefficients = nn.Parameter(torch.full(shape, float(init)))
-        self.acc = nn.ModuleDict({
-            f"val_acc_{t}": torchmetrics.Accuracy(task="multiclass", num_classes=head_weights[t].shape[0]) for t in self.tasks
-        })
+        self.acc = task_accuracies(head_weights)
 
     def lambdas(self) -> Tensor:
         """The coefficients as used: clamped to [0, 1] unless ``clamp`` is off."""
@@ -319,12 +321,10 @@ class AdaMergingModule(L.LightningModule):
         task = batch["task"][0]
         logits = self.heads(self._represent(batch["image"], self._eval_params), task)
         self.acc[f"val_acc_{task}"](logits, batch["label"])
-        self.log(f"val/acc_{task}", self.acc[f"val_acc_{task}"], add_dataloader_idx=False)
+        self.log(f"val/acc_{task}", self.acc[f"val_acc_{task}"], add_dataloader_idx=False, batch_size=len(logits))
 
     def on_validation_epoch_end(self) -> None:
-        accs = [self.acc[f"val_acc_{t}"].compute() for t in self.tasks if self.acc[f"val_acc_{t}"].update_called]
-        if accs:
-            self.log("val/acc", torch.stack(accs).mean(), prog_bar=True)
+        log_mean_accuracy(self, self.acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.coefficients], lr=self.hparams.lr, betas=(0.9, 0.999), weight_decay=0.0)

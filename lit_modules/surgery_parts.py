@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torchmetrics
 from torch import Tensor, nn
 
 from core.merging import check_compatible
@@ -129,6 +129,14 @@ def entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
-def param_count_rank(depth: int, width: int, proj_dim: int, rank: int) -> int:
-    """V1 rank with the same parameters per task as V2 of ``rank``: (L 2 w r + 2 p r) / (2 p), rounded up."""
-    return math.ceil((depth * 2 * width * rank + 2 * proj_dim * rank) / (2 * proj_dim))
+def task_accuracies(head_weights: Mapping[str, Tensor]) -> nn.ModuleDict:
+    """One validation accuracy per task (``val_acc_<task>``), sized by the task head's classes."""
+    return nn.ModuleDict({f"val_acc_{t}": torchmetrics.Accuracy(task="multiclass", num_classes=w.shape[0])
+                          for t, w in head_weights.items()})
+
+
+def log_mean_accuracy(module: nn.Module, accs: nn.ModuleDict) -> None:
+    """Log ``val/acc``, the mean over the tasks validated this epoch (the papers' average accuracy)."""
+    done = [acc.compute() for acc in accs.values() if acc.update_called]
+    if done:
+        module.log("val/acc", torch.stack(done).mean(), prog_bar=True)
