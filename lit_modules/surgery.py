@@ -166,6 +166,7 @@ class SurgeryModule(L.LightningModule):
 
     def forward(self, images: Tensor, task: str) -> Tensor:
         """Logits of ``task``'s head on the corrected representation of the merged model."""
+        self._check_task(task)
         return self.heads(self._levels(self.merged, images, task)[-1], task)
 
     def _frozen(self, kind: str, task: str, batch: dict[str, Tensor], compute) -> list[Tensor]:
@@ -186,9 +187,12 @@ class SurgeryModule(L.LightningModule):
         expert = self.experts[self.tasks.index(task)]
         return self._frozen("expert", task, batch, lambda x: self._levels(expert, x, None))
 
-    def _loss(self, task: str, batch: dict[str, Tensor]) -> Tensor:
+    def _check_task(self, task: str) -> None:
         if task not in self.tasks:
-            raise ValueError(f"batch of task {task!r} has no expert/head; model.init_args.experts has {self.tasks}")
+            raise ValueError(f"task {task!r} has no expert/head: add it to model.init_args.experts (known: {self.tasks})")
+
+    def _loss(self, task: str, batch: dict[str, Tensor]) -> Tensor:
+        self._check_task(task)
         targets = self._targets(task, batch)
         if self.blocks is None:  # V1: the merged representation never changes, so it can be cached
             with torch.no_grad():
@@ -211,8 +215,7 @@ class SurgeryModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         task = batch["task"][0]
-        if task not in self.tasks:
-            raise ValueError(f"validation task {task!r} has no expert/head; model.init_args.experts has {self.tasks}")
+        self._check_task(task)
         z = self._levels(self.merged, batch["image"], task)[-1]
         target = self._levels(self.experts[self.tasks.index(task)], batch["image"], None)[-1]
         self.acc[f"val_acc_{task}"](self.heads(z, task), batch["label"])

@@ -172,8 +172,10 @@ def test_bad_input_names_the_config_key(files, tmp_path) -> None:
     batch = next(iter(loaders(2)))[0]
     with pytest.raises(ValueError, match="task 'zzz' has no expert/head"):
         module._loss("zzz", batch["a"])
-    with pytest.raises(ValueError, match="task 'zzz' has no head"):
+    with pytest.raises(ValueError, match="task 'zzz' has no expert/head: add it to model.init_args.experts"):
         module(torch.randn(1, 1, 16, 16), "zzz")
+    with pytest.raises(ValueError, match="task 'zzz' has no head"):
+        module.heads(torch.randn(1, 12), "zzz")
     with pytest.raises(ValueError, match="task 'empty' has no images"):
         TaskDataset("empty", torch.zeros(0, 1, 16, 16), torch.zeros(0))
     with pytest.raises(ValueError, match="merged_checkpoint is required"):
