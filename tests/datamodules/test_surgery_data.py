@@ -1,0 +1,53 @@
+"""SurgeryDataModule: offline demo tasks, unlabelled adaptation batches with task ids, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+
+from datamodules.sources import mnist5k
+from datamodules.surgery import SurgeryDataModule, demo_task
+
+
+def test_demo_tasks_have_distinct_label_spaces_and_disjoint_mnist_halves() -> None:
+    classes = {t: int(demo_task(t)["train"][1].max()) + 1 for t in ("photos", "rotation", "digits", "lfw")}
+    assert classes == {"photos": 12, "rotation": 4, "digits": 10, "lfw": 2}
+    images, _ = mnist5k()
+    flat = torch.nn.functional.interpolate(images, size=32, mode="bilinear", antialias=True).clamp(0, 1).flatten(1)
+    digits, rotated = demo_task("mnist"), demo_task("rotation")
+    assert len(digits["train"][0]) + len(digits["test"][0]) == 2500
+    # rotation 0 images are unrotated MNIST digits, and none of them is in the digit-class half
+    upright = rotated["test"][0][rotated["test"][1] == 0].flatten(1)
+    half = torch.cat([digits["train"][0], digits["test"][0]]).flatten(1)
+    assert torch.cdist(upright[:20], flat).min(1).values.max() < 0.05
+    assert torch.cdist(upright[:20], half).min(1).values.min() > 1.0
+
+
+def test_adapt_stage_serves_unlabelled_batches_of_every_task_and_labelled_eval() -> None:
+    dm = SurgeryDataModule(tasks=["digits", "lfw"], batch_size=4, eval_batch_size=8)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert isinstance(loader, CombinedLoader)
+    batch, _, _ = next(iter(loader))
+    assert set(batch) == {"digits", "lfw"}
+    for task, part in batch.items():
+        assert "label" not in part and part["task"] == [task] * 4 and part["image"].shape == (4, 1, 32, 32)
+    evals = dm.val_dataloader()
+    assert [next(iter(d))["task"][0] for d in evals] == ["digits", "lfw"]
+    assert "label" in next(iter(evals[1])) and len(evals[1].dataset) == 80
+
+
+def test_bad_data_config_names_the_key(tmp_path) -> None:
+    with pytest.raises(ValueError, match="stage 'finetune' trains one task"):
+        SurgeryDataModule(tasks=["digits", "lfw"], stage="finetune")
+    with pytest.raises(ValueError, match="distinct task names"):
+        SurgeryDataModule(tasks=["lfw", "lfw"])
+    with pytest.raises(FileNotFoundError, match="data.init_args.root: no task folders"):
+        SurgeryDataModule(tasks=["SUN397"], root=str(tmp_path / "nowhere"))
+    (tmp_path / "SUN397").mkdir()
+    dm = SurgeryDataModule(tasks=["SUN397"], root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="SUN397/train"):
+        dm.setup()
+    with pytest.raises(ValueError, match="unknown demo task 'cifar'"):
+        SurgeryDataModule(tasks=["cifar"]).setup()
