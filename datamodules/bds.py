@@ -61,7 +61,7 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-class PromptFormatter:
+class _PromptFormatter:
     """Turns (instruction, input) into the prompt string of the chosen format.
 
     Args:
@@ -100,7 +100,7 @@ class SupervisedRows(Dataset):
         max_length: tokens per sequence (longer responses are truncated).
     """
 
-    def __init__(self, rows: list[dict], tokenizer: Any, formatter: PromptFormatter, max_length: int) -> None:
+    def __init__(self, rows: list[dict], tokenizer: Any, formatter: _PromptFormatter, max_length: int) -> None:
         self.items: list[dict] = []
         eos = tokenizer.eos_token or ""
         for row in rows:
@@ -126,7 +126,7 @@ class SupervisedRows(Dataset):
         return self.items[i]
 
 
-class SupervisedCollate:
+class _SupervisedCollate:
     """Right-pads rows into ``input_ids``, ``attention_mask``, ``labels`` (prompt masked), ``index``,
     ``source`` and the raw ``text`` (for neural schedulers).
 
@@ -152,7 +152,7 @@ class SupervisedCollate:
                 "text": [r["text"] for r in rows]}
 
 
-class GenerationCollate:
+class _GenerationCollate:
     """Left-pads prompts for batched greedy generation; keeps ``prompt``, ``gold`` and ``kind``.
 
     Args:
@@ -161,7 +161,7 @@ class GenerationCollate:
         kind: ``harmful`` (judged), ``task`` (scored against ``gold``) or ``predict``.
     """
 
-    def __init__(self, tokenizer: Any, formatter: PromptFormatter, kind: str) -> None:
+    def __init__(self, tokenizer: Any, formatter: _PromptFormatter, kind: str) -> None:
         self.tokenizer, self.formatter, self.kind = tokenizer, formatter, kind
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
@@ -262,7 +262,7 @@ class BDSDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.tokenizer)
-        self.formatter = PromptFormatter(self.tokenizer, hp.prompt_format)
+        self.formatter = _PromptFormatter(self.tokenizer, hp.prompt_format)
         counts = {"finetune": hp.num_finetune, "alignment": hp.num_alignment,
                   "eval_harmful": hp.num_eval_harmful, "eval_task": hp.num_eval_task}
         if hp.harmful_source == "demo" and hp.task == "arithmetic":
@@ -286,12 +286,12 @@ class BDSDataModule(L.LightningDataModule):
     def _supervised(self, name: str) -> DataLoader:
         hp = self.hparams
         return DataLoader(self.splits[name], batch_size=hp.batch_size, shuffle=hp.shuffle, num_workers=hp.num_workers,
-                          collate_fn=SupervisedCollate(self.tokenizer.pad_token_id), drop_last=False)
+                          collate_fn=_SupervisedCollate(self.tokenizer.pad_token_id), drop_last=False)
 
     def _generation(self, name: str, kind: str) -> DataLoader:
         return DataLoader(self.splits[name], batch_size=self.hparams.eval_batch_size, shuffle=False,
                           num_workers=self.hparams.num_workers,
-                          collate_fn=GenerationCollate(self.tokenizer, self.formatter, kind))
+                          collate_fn=_GenerationCollate(self.tokenizer, self.formatter, kind))
 
     def train_dataloader(self) -> CombinedLoader:
         # The fine-tuning set defines the epoch; the alignment set cycles (release: both 1000 rows).

@@ -10,11 +10,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 import train
 from callbacks.bayesian_weighting import BayesianDataScheduler
-from datamodules.bds import BDSDataModule, SupervisedCollate
+from datamodules.bds import BDSDataModule
 from lit_modules.bds import BDSModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +66,8 @@ def test_sft_mode_equals_a_plain_finetune(tiny_llama: str) -> None:
     fit(module, dm)
     params = [p for p in reference.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    for batch in DataLoader(dm.splits["ft"], batch_size=4, collate_fn=SupervisedCollate(dm.tokenizer.pad_token_id)):
+    for combined, _, _ in dm.train_dataloader():  # unshuffled: the same batches as the fit
+        batch = combined["ft"]
         logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         per_row = []
         for b in range(len(logits)):  # naive: each row's response tokens, one cross-entropy per row
