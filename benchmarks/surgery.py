@@ -5,8 +5,11 @@ photos / rotation / digits / LFW), then for every merge - weight averaging, task
 TIES (20 %, dis-sum, 0.3), task-wise and layer-wise AdaMerging - evaluates the plain merged model,
 Surgery (V1) and SurgeryV2, each trained with the same steps, and the individual experts.
 
-    python benchmarks/surgery.py --out benchmarks/results/surgery.json     # full (~15 min on 2 cores)
-    python benchmarks/surgery.py --quick --out /tmp/surgery_quick.json     # smoke run (~1-2 min)
+    OMP_NUM_THREADS=1 python benchmarks/surgery.py --out benchmarks/results/surgery.json  # full (~7 min)
+    OMP_NUM_THREADS=1 python benchmarks/surgery.py --quick --out /tmp/surgery_quick.json  # smoke run
+
+On a machine shared with other jobs keep ``OMP_NUM_THREADS=1``: with 2 threads on 2 busy cores the
+run was over 10x slower (thread oversubscription).
 
 Keys of the JSON: ``acc`` (method -> variant -> average accuracy), ``acc_individual``,
 ``acc_per_task`` (method -> variant -> task -> accuracy), ``gap_closed_surgery`` and
