@@ -1,7 +1,7 @@
 """BDS vs SFT vs naive mixing on the offline demo, side by side, plus the neural scheduler's transfer.
 
-    python benchmarks/bds.py --out benchmarks/results/bds.json     # full (~25 min on 2 CPU cores)
-    python benchmarks/bds.py --quick                               # smoke check (~2 min)
+    python benchmarks/bds.py --out benchmarks/results/bds.json     # full (~24 min on 2 shared CPU cores)
+    python benchmarks/bds.py --quick                               # smoke check (~3-4 min)
 
 Same model (SmolLM2-135M-Instruct, LoRA on the top blocks), data (configs/bds/demo.yaml) and seeds
 for every run. For each harmful ratio p: SFT (user data only), naive mixing (alignment + user data)
@@ -139,7 +139,7 @@ def neural_transfer(args: argparse.Namespace, ratio: float, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one ratio (smoke check, ~2 min)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one ratio (smoke check, ~3-4 min)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--neural-ratio", type=float, default=0.3)
