@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 DEMO := runs/smi/demo
 
-.PHONY: install demo demo-refresh test lint clean-demo
+.PHONY: install demo demo-bds demo-surgery demo-refresh test lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,26 @@ demo: $(STAMP)
 demo-refresh: $(STAMP)
 	$(PY) train.py fit --config configs/refresh/demo.yaml
 	$(PY) train.py fit --config configs/refresh/demo.yaml --config configs/refresh/demo_digits.yaml
+
+# BDS on SmolLM2-135M-Instruct: scalar scheduler, then the neural scheduler trained and transferred
+# to a fresh mix without retraining. The first line converts the packaged GGUF once (~20 s).
+demo-bds: $(STAMP)
+	$(PY) -c "from datamodules.sources import smollm2_path; smollm2_path()"
+	$(PY) train.py fit --config configs/bds/demo.yaml
+	$(PY) train.py fit --config configs/bds/demo.yaml --config configs/bds/demo_neural.yaml
+	$(PY) train.py fit --config configs/bds/demo.yaml --config configs/bds/demo_neural_transfer.yaml
+
+# Model merging: pre-train theta_0, fine-tune 4 experts, evaluate the plain task-arithmetic merge,
+# then SurgeryV2 and Surgery V1 on it. One thread per process is fastest on small CPU models.
+demo-surgery: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo_pretrain.yaml
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo_expert.yaml
+	for t in rotation digits lfw; do \
+	  OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo_expert.yaml \
+	    --config configs/surgery/demo_expert_$$t.yaml || exit 1; done
+	OMP_NUM_THREADS=1 $(PY) train.py validate --config configs/surgery/demo.yaml
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo.yaml
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo.yaml --config configs/surgery/demo_v1.yaml
 
 clean-demo:
 	rm -rf $(DEMO)
