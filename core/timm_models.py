@@ -37,6 +37,7 @@ def create_model(
     checkpoint: str | None = None,
     kwargs: dict[str, Any] | None = None,
     key: str = "model",
+    checkpoint_key: str | None = None,
 ) -> nn.Module:
     """``timm.create_model(name, **kwargs)`` with local weights and clear errors.
 
@@ -47,7 +48,10 @@ def create_model(
         checkpoint: path of weights to load strictly after creation (safetensors, ``.pth``, ``.ckpt``).
         kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ``num_classes``...).
         key: the config key prefix used in error messages (e.g. ``model.init_args.teacher``).
+        checkpoint_key: the config key of ``checkpoint`` in error messages (default ``<key>_checkpoint``,
+            e.g. ``model.init_args.teacher_checkpoint``).
     """
+    checkpoint_key = checkpoint_key or f"{key}_checkpoint"
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         raise ValueError(f"{key}: unknown timm model {name!r}; see timm.list_models() for valid names")
     try:
@@ -60,11 +64,11 @@ def create_model(
             f"the Hugging Face cache or pass a local file as the checkpoint and pretrained: false."
         ) from err
     if checkpoint is not None:
-        state = load_state_dict(checkpoint, key=f"{key}_checkpoint")
+        state = load_state_dict(checkpoint, key=checkpoint_key)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"{key}_checkpoint {checkpoint} does not match {name} with {kwargs or {}}: "
+                f"{checkpoint_key} {checkpoint} does not match {name} with {kwargs or {}}: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
     return model

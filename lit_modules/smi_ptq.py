@@ -52,7 +52,8 @@ class SMIQuantizationModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.automatic_optimization = False
-        self.model = create_model(model, pretrained, checkpoint, model_kwargs, key="model.init_args.model").eval()
+        self.model = create_model(model, pretrained, checkpoint, model_kwargs, key="model.init_args.model",
+                                  checkpoint_key="model.init_args.checkpoint").eval()
         vit_tokens.require_vit(self.model, "model.init_args.model")
         self.model.requires_grad_(False)
         self.quantized = quantize_vit(self.model, weight_bits=weight_bits, act_bits=act_bits)

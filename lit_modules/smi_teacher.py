@@ -51,7 +51,8 @@ class ClassifierModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.model = create_model(model, pretrained, checkpoint, model_kwargs, key="model.init_args.model")
+        self.model = create_model(model, pretrained, checkpoint, model_kwargs, key="model.init_args.model",
+                                  checkpoint_key="model.init_args.checkpoint")
         num_classes = self.model.num_classes
         self.acc = torch.nn.ModuleDict({
             f"{split}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for split in ("train", "val", "test")

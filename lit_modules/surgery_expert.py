@@ -2,10 +2,11 @@
 
 Model merging (task arithmetic, TIES, AdaMerging, Surgery) needs K experts fine-tuned from the same
 theta_0 with frozen heads (mlfoundations/task_vectors freezes CLIP's zero-shot text heads and trains
-the image tower only). Offline there is no CLIP, so this module also pre-trains theta_0 (``head:
-learned``: a trainable cosine classifier on the pre-training task) and, for each expert, builds a
-zero-shot-like head from theta_0's class-mean features (``head: prototype``), freezes it and
-fine-tunes the encoder. The encoder and its head are written as safetensors
+the image tower only). With a CLIP image tower, ``head: zero_shot`` builds that frozen head from the
+task's class names and CLIP's text tower (``core.zero_shot_head``). Offline there is no CLIP, so this
+module also pre-trains theta_0 (``head: learned``: a trainable cosine classifier on the pre-training
+task) and, for each expert, builds a zero-shot-like head from theta_0's class-mean features
+(``head: prototype``), freezes it and fine-tunes the encoder. The encoder and its head are written as safetensors
 (``<export_path>`` and ``<name>.head.safetensors``) for ``AdaMergingModule`` and ``SurgeryModule``.
 """
 
@@ -20,6 +21,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from core.timm_models import create_model, export_weights
+from core.zero_shot_head import DEFAULT_TEMPLATES, clip_text_encoder, zero_shot_head
 from lit_modules.surgery_parts import head_path, prototype_head
 
 
@@ -33,8 +35,14 @@ class ExpertModule(L.LightningModule):
         checkpoint: local weights to start from (theta_0 for experts).
         num_classes: classes of the task.
         head: ``learned`` trains the head with the encoder (pre-training); ``prototype`` builds it from
-            the starting encoder's class means on the training data and freezes it (experts).
-        logit_scale: temperature of the prototype head (CLIP's exp(logit_scale) = 100).
+            the starting encoder's class means on the training data and freezes it (demo experts);
+            ``zero_shot`` builds it from the task's class names (the data module's ``class_names``)
+            and ``text_encoder``, and freezes it (CLIP experts, as task_vectors).
+        logit_scale: temperature folded into prototype and zero-shot heads (CLIP's exp(logit_scale) = 100).
+        text_encoder: Hugging Face CLIP checkpoint (local directory or cached id) whose text tower
+            matches the image tower, for ``head: zero_shot``.
+        templates: prompt patterns with one ``{}`` for the class name (``head: zero_shot``); default
+            generic photo prompts.
         lr: peak AdamW learning rate (one-cycle: linear warm-up, cosine decay).
         weight_decay: AdamW weight decay (0.1 in task_vectors).
         warmup: fraction of the steps spent warming up.
@@ -48,8 +56,10 @@ class ExpertModule(L.LightningModule):
         pretrained: bool = False,
         checkpoint: str | None = None,
         num_classes: int = 10,
-        head: Literal["learned", "prototype"] = "prototype",
+        head: Literal["learned", "prototype", "zero_shot"] = "prototype",
         logit_scale: float = 100.0,
+        text_encoder: str | None = None,
+        templates: list[str] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         warmup: float = 0.1,
@@ -57,7 +67,10 @@ class ExpertModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.encoder = create_model(model, pretrained, checkpoint, model_kwargs, key="model.init_args.model")
+        if head == "zero_shot" and not text_encoder:
+            raise ValueError("model.init_args.text_encoder is required with head: zero_shot (a CLIP checkpoint)")
+        self.encoder = create_model(model, pretrained, checkpoint, model_kwargs, key="model.init_args.model",
+                                    checkpoint_key="model.init_args.checkpoint")
         dim = self.encoder(torch.zeros(1, *self._input_shape())).shape[-1]
         self.head = nn.Linear(dim, num_classes, bias=False)
         self.head.requires_grad_(head == "learned")
@@ -70,6 +83,25 @@ class ExpertModule(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return F.normalize(self.encoder(images), dim=-1) @ self.head.weight.T
+
+    @torch.no_grad()
+    def setup(self, stage: str) -> None:
+        if self.hparams.head != "zero_shot":
+            return
+        names = getattr(self.trainer.datamodule, "class_names", None) or {}
+        if len(names) != 1:
+            raise ValueError(f"head: zero_shot needs a data module with the class names of exactly one task "
+                             f"(data.init_args.tasks); got {sorted(names) or 'none'}")
+        (task, classes), = names.items()
+        if len(classes) != self.hparams.num_classes:
+            raise ValueError(f"model.init_args.num_classes is {self.hparams.num_classes} but task {task!r} has "
+                             f"{len(classes)} classes")
+        encode = clip_text_encoder(self.hparams.text_encoder, self.device)
+        head = zero_shot_head(encode, classes, self.hparams.templates or DEFAULT_TEMPLATES, self.hparams.logit_scale)
+        if head.shape[1] != self.head.in_features:
+            raise ValueError(f"model.init_args.text_encoder embeds into {head.shape[1]} dimensions but the image "
+                             f"tower {self.hparams.model!r} into {self.head.in_features}: use the matching CLIP pair")
+        self.head.weight.copy_(head)
 
     @torch.no_grad()
     def on_train_start(self) -> None:

@@ -102,7 +102,8 @@ def load_task_models(
     """
     if not experts:
         raise ValueError("model.init_args.experts is empty: give {task: expert weights file} for at least one task")
-    encoder = create_model(model, pretrained, pretrained_checkpoint, model_kwargs, key="model.init_args.model")
+    encoder = create_model(model, pretrained, pretrained_checkpoint, model_kwargs, key="model.init_args.model",
+                           checkpoint_key="model.init_args.pretrained_checkpoint")
     base = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     states = {task: load_state_dict(path, key=f"model.init_args.experts.{task}") for task, path in experts.items()}
     check_compatible(base, list(states.values()), [f"model.init_args.experts.{t}" for t in states])

@@ -59,7 +59,7 @@ def test_wandb_receives_the_resolved_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--model.init_args.checkpoint=/nonexistent/teacher.safetensors"], "model.init_args.model_checkpoint: no file at"),
+        (["--model.init_args.checkpoint=/nonexistent/teacher.safetensors"], "model.init_args.checkpoint: no file at"),
         (["--data.init_args.dataset=cifar10"], "data.init_args.root must point to a local cifar10 copy"),
     ],
 )

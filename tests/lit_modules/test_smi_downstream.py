@@ -122,5 +122,5 @@ def test_downstream_modules_reject_bad_input(teacher_file, tmp_path: Path) -> No
                               student="resnet10t", student_kwargs={"num_classes": 4})
     with pytest.raises(TypeError, match="model.init_args.model"):
         SMIQuantizationModule("resnet10t", {"num_classes": 4})
-    with pytest.raises(FileNotFoundError, match="model.init_args.model_checkpoint"):
+    with pytest.raises(FileNotFoundError, match="model.init_args.checkpoint"):
         SMIQuantizationModule("vit_tiny_patch16_224", VIT, str(tmp_path / "nope.pth"))

@@ -74,7 +74,8 @@ def test_demo_merge_and_surgery_stages(demo_files: dict, tmp_path: Path, configs
         assert len(cli.model.surgery["photos"]) == (5 if "demo_v1.yaml" not in configs else 1)
 
 
-@pytest.mark.parametrize("config", ["vit_b32_adamerging.yaml", "vit_b16_surgery.yaml", "vit_l14_surgery_v2.yaml"])
+@pytest.mark.parametrize("config", ["vit_b32_expert.yaml", "vit_b32_adamerging.yaml", "vit_b16_surgery.yaml",
+                                    "vit_l14_surgery_v2.yaml"])
 def test_paper_configs_fail_fast_without_weights_or_data(config: str, tmp_path: Path) -> None:
     with pytest.raises((RuntimeError, ValueError), match="could not load pretrained weights"):
         run([config], tmp_path)
@@ -83,3 +84,39 @@ def test_paper_configs_fail_fast_without_weights_or_data(config: str, tmp_path: 
 def test_paper_config_names_the_missing_expert(tmp_path: Path) -> None:
     with pytest.raises((FileNotFoundError, ValueError), match="model.init_args.experts.SUN397: no file at /data/surgery/ViT-B-32"):
         run(["vit_b32_surgery.yaml"], tmp_path, "--model.init_args.pretrained=false")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random CLIP text tower (projection 48, the demo ViT's width) with the real CLIP tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from datamodules.sources import clip_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=48)
+    CLIPTextModelWithProjection(config).save_pretrained(root)
+    clip_tokenizer().save_pretrained(root)
+    return str(root)
+
+
+def test_expert_with_a_zero_shot_text_head(demo_files: dict, tiny_clip: str, tmp_path: Path) -> None:
+    from core.zero_shot_head import clip_text_encoder, zero_shot_head
+
+    out = tmp_path / "digits.safetensors"
+    cli = run(["demo_expert.yaml", "demo_expert_digits.yaml"], tmp_path, f"--model.init_args.checkpoint={demo_files['pre']}",
+              f"--model.init_args.export_path={out}", "--model.init_args.head=zero_shot",
+              f"--model.init_args.text_encoder={tiny_clip}", '--model.init_args.templates=["a photo of the digit {}."]')
+    expected = zero_shot_head(clip_text_encoder(tiny_clip), [str(d) for d in range(10)], ["a photo of the digit {}."])
+    head = cli.model.head.weight
+    assert not head.requires_grad and torch.allclose(head, expected)  # built from the class names, unchanged by training
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(str(tmp_path / "digits.head.safetensors"))["weight"], head)
+    with pytest.raises(ValueError, match="num_classes is 4 but task 'digits' has 10"):
+        run(["demo_expert.yaml", "demo_expert_digits.yaml"], tmp_path, f"--model.init_args.checkpoint={demo_files['pre']}",
+            "--model.init_args.head=zero_shot",
+            f"--model.init_args.text_encoder={tiny_clip}", "--model.init_args.num_classes=4")
+    with pytest.raises(ValueError, match="text_encoder is required"):
+        run(["demo_expert.yaml"], tmp_path, "--model.init_args.head=zero_shot")
