@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from core.sequence_loss import IGNORE_INDEX
+from core.sequence_loss import mask_prompt
 from datamodules.bds_tasks import demo_sets, paper_sets
 
 PromptFormat = Literal["chat", "alpaca", "plain"]
@@ -141,12 +141,11 @@ class _SupervisedCollate:
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             ids[i, :n] = torch.tensor(r["input_ids"])
             mask[i, :n] = 1
-            labels[i, r["prompt_len"]:n] = ids[i, r["prompt_len"]:n]
+        labels = mask_prompt(ids, torch.tensor([r["prompt_len"] for r in rows]), mask)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels,
                 "index": torch.tensor([r["index"] for r in rows]), "source": torch.tensor([r["source"] for r in rows]),
                 "text": [r["text"] for r in rows]}
