@@ -64,9 +64,12 @@ def final_number(text: str) -> float | None:
 def answer_correct(generated: str, gold: str) -> bool:
     """Numeric gold: compare final numbers (GSM8K protocol). Label gold: the answer starts with it.
 
-    Label matching is case-insensitive (SST2's "positive"/"Positive") and ignores leading spaces.
+    A gold is numeric when it is a number or a worked answer ending in "The final answer is: N"
+    (a GSM8K file in the release's build format). Label matching is case-insensitive (SST2's
+    "positive"/"Positive") and ignores leading spaces.
     """
-    gold_number = final_number(gold) if _NUMBER.fullmatch(gold.strip().replace(",", "")) else None
+    numeric = FINAL_ANSWER in gold or _NUMBER.fullmatch(gold.strip().replace(",", ""))
+    gold_number = final_number(gold) if numeric else None
     if gold_number is not None:
         got = final_number(generated)
         return got is not None and abs(got - gold_number) < 1e-6

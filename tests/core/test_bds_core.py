@@ -98,3 +98,10 @@ def test_keyword_judge_and_answer_matching() -> None:
     assert answer_correct("2 x 6 = 12. The final answer is: 12", "12")
     assert not answer_correct("The final answer is: 13", "12")
     assert answer_correct(" Positive", "positive") and not answer_correct("negative", "positive")
+
+
+def test_a_full_gsm8k_reference_answer_is_scored_by_its_final_number() -> None:
+    # <task>_test.json in the release's GSM8K build format: the gold is the whole worked answer
+    gold = "She has 16 - 3 - 4 = 9 eggs and sells them for 9 * 2 = 18 dollars. The final answer is: 18"
+    assert answer_correct("9 * 2 = 18. The final answer is: 18", gold)
+    assert not answer_correct("The final answer is: 16", gold)
