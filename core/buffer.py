@@ -42,14 +42,17 @@ class ReservoirBuffer(nn.Module):
             raise ValueError(f"a replay buffer needs capacity >= 1, got {capacity}")
         self.capacity, self.seed = int(capacity), int(seed)
         self.register_buffer("num_seen", torch.zeros((), dtype=torch.long))
+        # Host copy of ``num_seen``: the tensor follows the module to the GPU, where every read of it
+        # (several per training step) would wait for the device. Kept equal by add() and state loading.
+        self._seen = 0
         for name in FIELDS:
             self.register_buffer(name, torch.empty(0))
 
     def __len__(self) -> int:
-        return min(int(self.num_seen), self.capacity)
+        return min(self._seen, self.capacity)
 
     def is_empty(self) -> bool:
-        return int(self.num_seen) == 0
+        return self._seen == 0
 
     def _allocate(self, columns: dict[str, Tensor]) -> None:
         for name, value in columns.items():
@@ -62,7 +65,7 @@ class ReservoirBuffer(nn.Module):
         uniform draw ``j`` in ``0..p`` if ``j < capacity`` (else it is dropped). Within a batch a later
         example that draws the slot of an earlier one overwrites it, as in sequential insertion.
         """
-        seen = int(self.num_seen)
+        seen = self._seen
         position = torch.arange(seen, seen + n, dtype=torch.float64)
         draws = (torch.rand(n, generator=keyed_generator(self.seed, seen), dtype=torch.float64) * (position + 1)).long()
         slots = torch.where(position < self.capacity, position.long(), draws)
@@ -90,6 +93,7 @@ class ReservoirBuffer(nn.Module):
             for name, value in columns.items():
                 getattr(self, name)[device_slots] = value.detach()[device_rows].to(getattr(self, name).dtype)
         self.num_seen += len(examples)
+        self._seen += len(examples)
         return slots
 
     def sample(self, size: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -106,3 +110,4 @@ class ReservoirBuffer(nn.Module):
             if value is not None and value.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(value, device=self.num_seen.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._seen = int(self.num_seen)

@@ -72,6 +72,7 @@ def test_state_dict_round_trip_resumes_insertion_exactly() -> None:
     fill(first, 20, batch=4)
     resumed = ReservoirBuffer(6, seed=2)  # not yet allocated: shapes come from the checkpoint
     resumed.load_state_dict(first.state_dict())
+    assert len(resumed) == len(first) == 6 and not resumed.is_empty()  # the host-side count follows the load
     for start in range(20, 40, 4):
         ids = torch.arange(start, start + 4)
         resumed.add(ids.float()[:, None], ids, logits=ids.float()[:, None].repeat(1, 3), task_labels=ids // 100)
