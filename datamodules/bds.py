@@ -275,8 +275,9 @@ class BDSDataModule(L.LightningDataModule):
                     "eval_harmful": sets["eval_harmful"], "eval_task": sets["eval_task"]}
         self.splits = {name: SupervisedRows(self.raw[name], self.tokenizer, self.formatter, hp.max_length)
                        for name in ("ft", "align")}
-        if not len(self.splits["align"]):
-            raise ValueError("every alignment row is longer than data.init_args.max_length: the alignment set is empty")
+        for name, what in (("ft", "fine-tuning"), ("align", "alignment")):
+            if not len(self.splits[name]):
+                raise ValueError(f"every {what} row is longer than data.init_args.max_length: the {what} set is empty")
         self.splits["eval_harmful"] = self.raw["eval_harmful"]
         self.splits["eval_task"] = [r for r in self.raw["eval_task"] if r.get("gold") is not None]
         if hp.predict_file:

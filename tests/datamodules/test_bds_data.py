@@ -52,6 +52,11 @@ def test_binomial_mixing_draws_the_count_and_errors() -> None:
         mix(benign, harmful[:5], 100, 0.3, "exact", 0)
 
 
+def test_rows_longer_than_max_length_leave_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="every fine-tuning row is longer than data.init_args.max_length"):
+        BDSDataModule(harmful_ratio=0.25, **{**KW, "max_length": 4}).setup("fit")
+
+
 def test_arithmetic_answers_are_exact() -> None:
     import random
 
