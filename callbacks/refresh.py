@@ -50,7 +50,7 @@ def unlearning_displacement(
     preconditioner: str, damping: float, noise_mode: str, noise_scale: float,
 ) -> Tensor:
     """The move of one parameter tensor in an unlearning step (ascent direction, preconditioned, noisy)."""
-    fisher = torch.zeros_like(param) if fisher is None else fisher
+    fisher = param.new_zeros(()) if fisher is None else fisher  # no Fisher yet (first task): F = 0, broadcast
     precond = 1.0 / (1.0 + damping * fisher) if preconditioner == "damped" else 1.0 / (fisher + damping)
     direction = grad * (param.norm() / (grad.norm() + 1e-20)) if normalize else grad
     if noise_mode == "scaled":  # released code: delta (u + 0.001 xi) / (1 + 0.001 F)

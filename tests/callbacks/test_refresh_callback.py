@@ -68,6 +68,11 @@ def test_displacement_is_the_released_formula() -> None:
     # u = ||theta|| / ||g|| g = (5, 0); move = delta (u + 0.5 xi) / (1 + 1e-3 F) = 0.1 * (6, -0.5) / (1, 2)
     got = unlearning_displacement(param, grad, fisher, noise, normalize=True, noise_mode="scaled", **kw)
     torch.testing.assert_close(got, torch.tensor([0.6, -0.025]))
+    for pre in ("damped", "inverse"):  # no Fisher yet (first task) is exactly F = 0
+        kw.update(preconditioner=pre)
+        assert torch.equal(unlearning_displacement(param, grad, None, noise, normalize=True, noise_mode="scaled", **kw),
+                           unlearning_displacement(param, grad, torch.zeros(2), noise, normalize=True,
+                                                   noise_mode="scaled", **kw))
     # paper: gamma P g + noise_scale sqrt(2 gamma P) xi with P = (F + damping)^-1
     got = unlearning_displacement(param, grad, torch.tensor([1.0, 3.0]), noise, delta=0.1, normalize=False,
                                   preconditioner="inverse", damping=1.0, noise_mode="langevin", noise_scale=0.5)
