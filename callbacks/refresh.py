@@ -98,8 +98,14 @@ class RefreshLearning(L.Callback):
         fisher_examples: int | None = None,
         seed: int = 0,
     ) -> None:
-        if delta < 0 or steps < 1 or every_n_steps < 1 or damping <= 0 or noise_scale < 0:
-            raise ValueError("RefreshLearning needs delta >= 0, steps >= 1, every_n_steps >= 1, damping > 0, noise_scale >= 0")
+        wanted = {"delta >= 0": delta >= 0, "steps >= 1": steps >= 1, "every_n_steps >= 1": every_n_steps >= 1,
+                  "damping > 0": damping > 0, "noise_scale >= 0": noise_scale >= 0,
+                  "fisher_examples >= 1 (or null: all)": fisher_examples is None or fisher_examples >= 1}
+        failed = [rule for rule, ok in wanted.items() if not ok]
+        if failed:
+            raise ValueError(f"trainer.callbacks RefreshLearning init_args: needs {', '.join(failed)}; got delta={delta}, "
+                             f"steps={steps}, every_n_steps={every_n_steps}, damping={damping}, "
+                             f"noise_scale={noise_scale}, fisher_examples={fisher_examples}")
         self.delta, self.steps, self.every_n_steps, self.seed = delta, steps, every_n_steps, seed
         self.unlearn_loss, self.normalize, self.preconditioner = unlearn_loss, normalize, preconditioner
         self.damping, self.noise, self.noise_scale = damping, noise, noise_scale

@@ -157,3 +157,6 @@ def test_protocol_and_settings_are_checked() -> None:
                                                      ToyModule(), "fit")
     with pytest.raises(ValueError, match="delta >= 0"):
         RefreshLearning(delta=-1.0)
+    # fisher_examples=0 used to fail only at the first task end, as an "empty training set"
+    with pytest.raises(ValueError, match=r"RefreshLearning init_args: needs fisher_examples >= 1.*fisher_examples=0"):
+        RefreshLearning(fisher_examples=0)
