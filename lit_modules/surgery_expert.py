@@ -76,6 +76,7 @@ class ExpertModule(L.LightningModule):
         self.head.requires_grad_(head == "learned")
         self.acc = nn.ModuleDict({f"{s}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
                                   for s in ("train", "val")})
+        self._head_restored = False  # set when a checkpoint brings the (prototype) head along
 
     def _input_shape(self) -> tuple[int, ...]:
         embed = self.encoder.patch_embed
@@ -103,9 +104,13 @@ class ExpertModule(L.LightningModule):
                              f"tower {self.hparams.model!r} into {self.head.in_features}: use the matching CLIP pair")
         self.head.weight.copy_(head)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._head_restored = True  # the checkpoint's head was built from theta_0 when the run started
+
     @torch.no_grad()
     def on_train_start(self) -> None:
-        if self.hparams.head != "prototype":
+        # On resume the encoder is already part-way fine-tuned: keep the head that came with the checkpoint.
+        if self.hparams.head != "prototype" or self._head_restored:
             return
         features, labels = [], []
         for batch in self.trainer.train_dataloader:

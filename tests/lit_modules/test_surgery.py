@@ -1,4 +1,5 @@
-"""SurgeryModule / AdaMergingModule: step-0 identity, V2 reference forward, caching, bounds, DDP, bad input."""
+"""SurgeryModule / AdaMergingModule / ExpertModule: step-0 identity, V2 reference forward, caching, bounds, DDP,
+resume, bad input."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import CombinedLoader
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
@@ -17,6 +19,7 @@ from core import merging
 from core.timm_models import export_weights
 from datamodules.surgery import TaskDataset
 from lit_modules.surgery import AdaMergingModule, SurgeryModule
+from lit_modules.surgery_expert import ExpertModule
 
 VIT = {"img_size": 16, "patch_size": 8, "in_chans": 1, "num_classes": 12, "embed_dim": 24, "depth": 2, "num_heads": 2}
 TASKS = {"a": 3, "b": 4}
@@ -153,6 +156,26 @@ def test_adamerging_coefficients_stay_in_bounds_and_task_wise_is_task_arithmetic
     got = task_wise.merged_encoder().state_dict()
     for k in expected:
         torch.testing.assert_close(got[k], expected[k])
+
+
+def test_resumed_expert_keeps_the_prototype_head_of_theta_0(tmp_path) -> None:
+    """The frozen head is built once from theta_0; resuming must not rebuild it from the half-tuned encoder."""
+    gen = torch.Generator().manual_seed(0)
+    data = DataLoader(TaskDataset("a", torch.randn(16, 1, 16, 16, generator=gen), torch.arange(16) % 3), batch_size=8)
+
+    def run(ckpt_path: str | None) -> ExpertModule:
+        torch.manual_seed(0)
+        module = ExpertModule("vit_tiny_patch16_224", VIT, num_classes=3, head="prototype", lr=0.01)
+        saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+        trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            accelerator="cpu", callbacks=[saver], default_root_dir=tmp_path)
+        trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
+        return module
+
+    head = run(None).head.weight.clone()
+    resumed = run(str(tmp_path / "epoch=0-step=2.ckpt"))
+    assert resumed.trainer.global_step == 4
+    assert torch.equal(resumed.head.weight, head)
 
 
 def test_bad_input_names_the_config_key(files, tmp_path) -> None:
