@@ -40,7 +40,10 @@ from torchmetrics.functional.classification import binary_auroc
 
 from core.data_scheduler import NeuralScheduler, ScalarScheduler, resolve_encoder
 from core.protocols import SupportsSampleWeighting, require_protocol
-from core.sample_weights import Transform, gaussian_negative_log_prior, negative_entropy
+from core.sample_weights import TRANSFORMS, Transform, gaussian_negative_log_prior, negative_entropy
+
+ARGS = "BayesianDataScheduler init_args."
+"""Prefix of the config keys that error messages name (the callback sits in ``trainer.callbacks``)."""
 
 
 class BayesianDataScheduler(L.Callback):
@@ -98,13 +101,13 @@ class BayesianDataScheduler(L.Callback):
         seed: int = 0,
     ) -> None:
         if scheduler not in ("scalar", "neural"):
-            raise ValueError(f"scheduler must be scalar or neural, got {scheduler!r}")
-        if transform not in ("softmax", "sigmoid", "identity"):
-            raise ValueError(f"transform must be softmax, sigmoid or identity, got {transform!r}")
+            raise ValueError(f"{ARGS}scheduler must be scalar or neural, got {scheduler!r}")
+        if transform not in TRANSFORMS:
+            raise ValueError(f"{ARGS}transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
         if langevin_temperature < 0 or lr <= 0 or gaussian_prior_std <= 0:
-            raise ValueError("langevin_temperature must be >= 0, lr and gaussian_prior_std > 0")
+            raise ValueError(f"{ARGS}langevin_temperature must be >= 0, lr and gaussian_prior_std > 0")
         if scheduler == "scalar" and (pretrained or not trainable):
-            raise ValueError("pretrained / trainable: false apply to the neural scheduler only")
+            raise ValueError(f"{ARGS}pretrained / trainable: false apply to the neural scheduler only")
         self.kind, self.transform, self.init = scheduler, transform, init
         self.opt_args = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         self.grad_clip, self.loss_timing, self.temperature = grad_clip, loss_timing, langevin_temperature
@@ -165,7 +168,11 @@ class BayesianDataScheduler(L.Callback):
             self._pending = state_dict
             return
         if state_dict["kind"] != self.kind:
-            raise ValueError(f"the checkpoint holds a {state_dict['kind']} scheduler; this callback is {self.kind}")
+            raise ValueError(f"the checkpoint holds a {state_dict['kind']} scheduler: set {ARGS}scheduler to it")
+        if self.kind == "scalar" and state_dict["net"]["logits"].shape != self.net.logits.shape:
+            raise ValueError(f"the checkpoint's scheduler weights {state_dict['net']['logits'].numel()} fine-tuning "
+                             f"samples, the data has {self.net.logits.numel()}: resume with the checkpoint's data "
+                             "settings (data.init_args.num_finetune, max_length)")
         self.net.load_state_dict(state_dict["net"])
         self.generator.set_state(state_dict["generator"])
         if self.optimizer is not None and state_dict["optimizer"] is not None:

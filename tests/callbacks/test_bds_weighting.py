@@ -149,6 +149,16 @@ def test_resume_restores_weights_optimizer_and_noise(tmp_path: Path) -> None:
     assert torch.equal(resumed.sources, full.sources)
 
 
+def test_resuming_with_another_fine_tuning_set_size_names_the_data_keys() -> None:
+    callback = BayesianDataScheduler()
+    callback.setup(L.Trainer(logger=False), Toy(), "fit")
+    state = {**callback.state_dict(), "net": {"logits": torch.zeros(N + 1)}}
+    with pytest.raises(ValueError, match="17 fine-tuning samples, the data has 16.*data.init_args.num_finetune"):
+        callback.load_state_dict(state)
+    with pytest.raises(ValueError, match="BayesianDataScheduler init_args.scheduler"):
+        callback.load_state_dict({**state, "kind": "neural"})
+
+
 @pytest.mark.slow
 def test_ddp_spawn_ranks_hold_identical_state_equal_to_one_process(tmp_path: Path) -> None:
     kwargs = dict(lr=0.05, langevin_temperature=0.01, seed=1)
