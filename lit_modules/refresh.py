@@ -75,7 +75,8 @@ class ContinualModule(L.LightningModule):
         flip: random horizontal flips at train time (CIFAR, Tiny ImageNet; not digits).
         class_il_scope: class-IL prediction over ``all`` outputs (the released code) or only the classes
             ``seen`` so far (modern mammoth).
-        seed: seed of augmentation, replay sampling and reservoir insertion (keyed by step and rank).
+        seed: seed of augmentation and replay sampling (keyed by step and rank) and of reservoir insertion
+            (keyed by the number of examples seen).
     """
 
     def __init__(
@@ -112,6 +113,8 @@ class ContinualModule(L.LightningModule):
                 f"replay (alpha={alpha}, beta={beta}) needs a memory: set model.init_args.buffer_size >= 1 "
                 "(or alpha = beta = 0 for a method without replay)"
             )
+        if (alpha > 0 or beta > 0) and minibatch_size < 1:  # an empty replay batch makes the loss NaN
+            raise ValueError(f"replay needs model.init_args.minibatch_size >= 1, got {minibatch_size}")
         self.net = build_backbone(backbone, num_classes, width, in_channels, image_size)
         self.buffer = ReservoirBuffer(buffer_size, seed) if buffer_size > 0 else None
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)

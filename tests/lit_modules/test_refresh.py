@@ -181,6 +181,8 @@ def test_accuracy_matrix_reaches_wandb_as_a_table_and_an_image(tmp_path) -> None
 def test_bad_input_names_the_config_key() -> None:
     with pytest.raises(ValueError, match="model.init_args.buffer_size >= 1"):
         ContinualModule(beta=1.0, buffer_size=0)
+    with pytest.raises(ValueError, match="model.init_args.minibatch_size >= 1, got 0"):
+        ContinualModule(alpha=0.1, buffer_size=10, minibatch_size=0)
     with pytest.raises(ValueError, match="model.init_args.num_classes=4 but the stream has 10"):
         fit(ContinualModule(**{**SMALL, "buffer_size": 0}, num_classes=4), stream(), max_epochs=1)
     with pytest.raises(TypeError, match="task stream.*missing method"):
