@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.rng import keyed_generator
 
-STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {  # per-dataset mean, std (mammoth's)
+# per-dataset mean, std: mammoth's (MNIST, CIFAR, Tiny ImageNet); digits: rounded from the set itself
+STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist5k": ((0.1307,), (0.3081,)),
     "digits": ((0.3,), (0.4,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615)),
@@ -174,6 +175,8 @@ class ClassIncrementalStream(L.LightningDataModule):
             raise FileNotFoundError(
                 f"data.init_args.root: no local {dataset} at {root!r}; point it to a copy (nothing is downloaded)"
             )
+        if eval_split == "val" and val_per_class < 1:
+            raise ValueError("data.init_args.eval_split=val needs data.init_args.val_per_class > 0")
         self.splits: dict[str, StreamSet] = {}
 
     # ------------------------------------------------------------------ TaskStream protocol
@@ -254,8 +257,6 @@ class ClassIncrementalStream(L.LightningDataModule):
 
         self.splits = {"train": make(train_x[train], train_y[train]), "val": make(train_x[val], train_y[val]),
                        "test": make(test_x, test_y)}
-        if hp.eval_split == "val" and not len(val):
-            raise ValueError("data.init_args.eval_split=val needs data.init_args.val_per_class > 0")
 
     def _few_shot(self, train: Tensor, stream_labels: Tensor) -> Tensor:
         hp = self.hparams

@@ -77,3 +77,5 @@ def test_bad_streams_name_the_config_key(tmp_path) -> None:
         ClassIncrementalStream("cifar100", root=str(tmp_path)).setup("fit")
     with pytest.raises(ValueError, match="val_per_class > 0"):
         ClassIncrementalStream("digits", eval_split="val").setup("fit")
+    with pytest.raises(ValueError, match="val_per_class > 0"):  # before any data is read
+        ClassIncrementalStream("cifar10", root=str(tmp_path), eval_split="val")
