@@ -124,7 +124,6 @@ class SurgeryModule(L.LightningModule):
             expert.load_state_dict(state)
             self.experts.append(freeze(expert))
         self.heads = TaskHeads(head_weights)
-        self.blocks = find_blocks(self.merged) if version == "v2" else None
         widths, proj = self._widths()
         self.surgery = nn.ModuleDict({  # per task: [block 1..L (V2 only), final representation]
             task: nn.ModuleList([LowRankCorrection(w, rank) for w in widths] + [LowRankCorrection(proj, rank)])
@@ -133,13 +132,20 @@ class SurgeryModule(L.LightningModule):
         self.acc = task_accuracies(head_weights)
         self._cache: dict[tuple[str, str], dict[int, list[Tensor]]] = {}
 
+    @property
+    def _deep(self) -> bool:
+        return self.hparams.version == "v2"
+
+    @torch.no_grad()
     def _widths(self) -> tuple[list[int], int]:
+        """Widths of every block's output (V2 only; V1 needs no blocks) and of the representation."""
         embed = getattr(self.merged, "patch_embed", None)
         size = getattr(embed, "img_size", (224, 224))
         chans = getattr(getattr(embed, "proj", None), "in_channels", 3)
-        blocks = self.blocks if self.blocks is not None else find_blocks(self.merged)
-        widths, proj = block_widths(self.merged, blocks, torch.zeros(1, chans, *size))
-        return (widths if self.blocks is not None else []), proj
+        example = torch.zeros(1, chans, *size)
+        if self._deep:
+            return block_widths(self.merged, find_blocks(self.merged), example)
+        return [], self.merged(example).shape[-1]
 
     # ------------------------------------------------------------------ forward
     def _final(self, z: Tensor) -> Tensor:
@@ -148,7 +154,7 @@ class SurgeryModule(L.LightningModule):
     def _levels(self, encoder: nn.Module, images: Tensor, task: str | None) -> list[Tensor]:
         """Token means after every block (V2) and the final representation, corrected for ``task`` if given."""
         levels: list[Tensor] = []
-        if self.blocks is None:
+        if not self._deep:
             return [self._correct(task, self._final(encoder(images)))]
 
         def edit(index: int, hidden: Tensor) -> Tensor:
@@ -194,7 +200,7 @@ class SurgeryModule(L.LightningModule):
     def _loss(self, task: str, batch: dict[str, Tensor]) -> Tensor:
         self._check_task(task)
         targets = self._targets(task, batch)
-        if self.blocks is None:  # V1: the merged representation never changes, so it can be cached
+        if not self._deep:  # V1: the merged representation never changes, so it can be cached
             with torch.no_grad():
                 z = self._frozen("merged", task, batch, lambda x: [self._final(self.merged(x))])[0]
             outs = [self._correct(task, z)]
