@@ -62,8 +62,9 @@ class BayesianDataScheduler(L.Callback):
         langevin_temperature: T of the SGLD noise sqrt(2 lr T) N(0, I) added after each update (0: off,
             the release; the paper describes SGLD).
         reference_weight: lambda of the safety-agnostic reference term (0: off, the release).
-        entropy_weight: coefficient of the negative-entropy prior (pulls towards uniform weights).
-        gaussian_prior_weight: coefficient of the Gaussian prior N(init, gaussian_prior_std^2) on the logits.
+        entropy_weight: coefficient of the negative-entropy prior (pulls towards uniform weights; scalar).
+        gaussian_prior_weight: coefficient of the Gaussian prior N(init, gaussian_prior_std^2) on the logits
+            (scalar).
         gaussian_prior_std: std of that prior.
         encoder: neural scheduler's text encoder: ``minilm`` (offline all-MiniLM-L6-v2), a Hugging Face
             id or a local folder (release: fairseq-dense-125M).
@@ -108,6 +109,9 @@ class BayesianDataScheduler(L.Callback):
             raise ValueError(f"{ARGS}langevin_temperature must be >= 0, lr and gaussian_prior_std > 0")
         if scheduler == "scalar" and (pretrained or not trainable):
             raise ValueError(f"{ARGS}pretrained / trainable: false apply to the neural scheduler only")
+        if scheduler == "neural" and (entropy_weight or gaussian_prior_weight):
+            raise ValueError(f"{ARGS}entropy_weight / gaussian_prior_weight are priors on the scalar scheduler's "
+                             "logits; the neural scheduler has none: set them to 0")
         self.kind, self.transform, self.init = scheduler, transform, init
         self.opt_args = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         self.grad_clip, self.loss_timing, self.temperature = grad_clip, loss_timing, langevin_temperature
@@ -237,9 +241,9 @@ class BayesianDataScheduler(L.Callback):
         else:
             weights = self.net.batch_weights(self._batch["ids"], self._batch["mask"], self.transform)
         objective = (weights * losses.to(weights)).mean()
-        if self.kind == "scalar" and self.entropy_weight:
+        if self.entropy_weight:  # scalar only (checked in __init__)
             objective = objective + self.entropy_weight * negative_entropy(self.net.logits)
-        if self.kind == "scalar" and self.gaussian_prior_weight:
+        if self.gaussian_prior_weight:
             prior = gaussian_negative_log_prior(self.net.logits, self.init, self.gaussian_prior_std)
             objective = objective + self.gaussian_prior_weight * prior
         return objective

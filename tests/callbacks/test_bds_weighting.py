@@ -191,6 +191,8 @@ def test_neural_scheduler_trains_saves_and_transfers_frozen(tmp_path: Path) -> N
     torch.testing.assert_close(frozen.net.score_texts(texts), scores)
     with pytest.raises(ValueError, match="neural scheduler only"):
         BayesianDataScheduler(scheduler="scalar", trainable=False)
+    with pytest.raises(ValueError, match="the neural scheduler has none"):
+        BayesianDataScheduler(scheduler="neural", entropy_weight=0.1)
 
 
 def test_weight_histograms_and_detector_metrics_are_logged(tmp_path: Path) -> None:
