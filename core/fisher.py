@@ -71,9 +71,13 @@ class DiagonalFisher:
         return {n: weight * g.square() for n, g in gradient.items()}
 
     def _exact_term(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        jacobian = jacrev(self._log_probs)(params, x)  # name -> (C, *shape): d log p(c|x) / d theta
-        probs = self._log_probs(params, x).detach().exp()
-        return {n: torch.tensordot(probs, j.square(), dims=1) for n, j in jacobian.items()}
+        def log_probs(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            value = self._log_probs(p, x)
+            return value, value.detach()
+
+        # name -> (C, *shape): d log p(c|x) / d theta; the forward's log-probabilities come back as aux
+        jacobian, log_p = jacrev(log_probs, has_aux=True)(params)
+        return {n: torch.tensordot(log_p.exp(), j.square(), dims=1) for n, j in jacobian.items()}
 
     @torch.no_grad()
     def update(self, inputs: Tensor, labels: Tensor) -> None:
