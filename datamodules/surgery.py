@@ -12,10 +12,10 @@ Two kinds of loaders:
 Every sample carries its task name (``task``) and its index in the split (``index``: the key of the
 frozen-model feature caches).
 
-Demo tasks (offline, real data from ``datamodules.sources``, gray 32x32): ``photos`` (which of the 12
-scikit-image/scikit-learn photographs a random crop comes from; the pre-training task), ``mnist``
-(MNIST-5k digits), ``rotation`` (the rotation, 0/90/180/270 degrees, of other MNIST-5k digits),
-``digits`` (scikit-learn's 8x8 digits upsampled) and ``lfw`` (faces vs non-faces). Paper tasks
+Demo tasks (offline, real data from ``datamodules.sources``, gray 32x32): ``mnist`` (the digit classes
+of one half of MNIST-5k; the pre-training task), ``photos`` (which of the 12 scikit-image/scikit-learn
+photographs a random crop comes from), ``rotation`` (the rotation, 0/90/180/270 degrees, of the other
+half's digits), ``digits`` (scikit-learn's 8x8 digits upsampled) and ``lfw`` (faces vs non-faces). Paper tasks
 (SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD) are read from ``root/<Task>/{train,test}/
 <class>/*`` image folders with CLIP's preprocessing; nothing is downloaded.
 """

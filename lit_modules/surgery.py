@@ -74,7 +74,7 @@ class SurgeryModule(L.LightningModule):
         scaling: lambda of task arithmetic and TIES (0.3 as in the Surgery code).
         ties_top_k: fraction of each task vector TIES keeps.
         ties_merge: TIES disjoint merge, ``sum`` (Surgery/AdaMerging) or ``mean`` (TIES paper).
-        ties_per_tensor: TIES top-k per tensor instead of over the whole model (released code).
+        ties_per_tensor: TIES top-k per tensor (mergekit) instead of over the whole model (the released code).
         version: ``v1`` (Surgery on the final representation) or ``v2`` (after every block too).
         rank: hidden width of every surgery module (16 in both papers for ViT-B).
         correct: ``projected`` corrects the unnormalised representation and the head normalises
