@@ -32,7 +32,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -114,8 +114,8 @@ class BDSModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if mode not in ("bds", "sft", "mix", "weighted_only", "seal"):
-            raise ValueError(f"model.init_args.mode must be bds, sft, mix, weighted_only or seal, got {mode!r}")
+        if mode not in get_args(Mode):
+            raise ValueError(f"model.init_args.mode must be one of {', '.join(get_args(Mode))}, got {mode!r}")
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"model.init_args.rho must lie in [0, 1], got {rho}")
         self.automatic_optimization = False
