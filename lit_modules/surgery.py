@@ -34,6 +34,7 @@ from core import merging
 from core.block_hooks import block_widths, edited_blocks, find_blocks
 from core.timm_models import create_model, export_weights
 from lit_modules.surgery_parts import (
+    FeatureCache,
     LowRankCorrection,
     TaskHeads,
     entropy,
@@ -130,7 +131,7 @@ class SurgeryModule(L.LightningModule):
             for task in self.tasks
         })
         self.acc = task_accuracies(head_weights)
-        self._cache: dict[tuple[str, str], dict[int, list[Tensor]]] = {}
+        self._cache: dict[tuple[str, str], FeatureCache] = {}
 
     @property
     def _deep(self) -> bool:
@@ -179,14 +180,7 @@ class SurgeryModule(L.LightningModule):
         """Outputs of a frozen model for a batch, cached per image index when ``cache_features``."""
         if not self.hparams.cache_features:
             return compute(batch["image"])
-        store = self._cache.setdefault((kind, task), {})
-        index = batch["index"].tolist()
-        missing = [i for i, idx in enumerate(index) if idx not in store]
-        if missing:
-            outs = compute(batch["image"][missing])
-            for j, i in enumerate(missing):
-                store[index[i]] = [o[j] for o in outs]
-        return [torch.stack([store[idx][level] for idx in index]) for level in range(len(store[index[0]]))]
+        return self._cache.setdefault((kind, task), FeatureCache())(batch["index"], batch["image"], compute)
 
     @torch.no_grad()
     def _targets(self, task: str, batch: dict[str, Tensor]) -> list[Tensor]:

@@ -4,12 +4,13 @@
   ``W_up`` zero-initialised so that the corrected model starts as the plain merge).
 - :class:`TaskHeads` holds one frozen classification head per task, applied to the L2-normalised
   representation (zero-shot CLIP heads, or the demo's class-prototype heads, carry the logit scale).
+- :class:`FeatureCache` keeps a frozen model's outputs per image index (Surgery's exact shortcut).
 - :func:`load_task_models` builds the pre-trained encoder and reads the experts' weights and heads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,35 @@ class LowRankCorrection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(F.relu(self.down(x)))
+
+
+class FeatureCache:
+    """A frozen model's outputs per dataset index, computed the first time an index is seen.
+
+    Each output level is one ``(N, ...)`` tensor on the outputs' device (grown as larger indices
+    arrive), so a cached batch is one gather per level rather than a stack of per-image tensors.
+    """
+
+    def __init__(self) -> None:
+        self.values: list[Tensor] = []
+        self.seen: set[int] = set()
+
+    def __call__(self, index: Tensor, images: Tensor, compute: Callable[[Tensor], list[Tensor]]) -> list[Tensor]:
+        ids = index.tolist()  # the loader's indices: one host sync per batch
+        missing = [j for j, i in enumerate(ids) if i not in self.seen]
+        if missing:
+            outs = compute(images[missing])
+            size = max(ids) + 1
+            if not self.values:
+                self.values = [o.new_zeros(size, *o.shape[1:]) for o in outs]
+            elif size > len(self.values[0]):
+                grow = max(size, 2 * len(self.values[0])) - len(self.values[0])
+                self.values = [torch.cat([v, v.new_zeros(grow, *v.shape[1:])]) for v in self.values]
+            rows = index[missing]
+            for store, out in zip(self.values, outs, strict=True):
+                store[rows] = out
+            self.seen.update(ids[j] for j in missing)
+        return [store[index] for store in self.values]
 
 
 class TaskHeads(nn.Module):

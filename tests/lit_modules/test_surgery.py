@@ -20,6 +20,7 @@ from core.timm_models import export_weights
 from datamodules.surgery import TaskDataset
 from lit_modules.surgery import AdaMergingModule, SurgeryModule
 from lit_modules.surgery_expert import ExpertModule
+from lit_modules.surgery_parts import FeatureCache
 
 VIT = {"img_size": 16, "patch_size": 8, "in_chans": 1, "num_classes": 12, "embed_dim": 24, "depth": 2, "num_heads": 2}
 TASKS = {"a": 3, "b": 4}
@@ -123,6 +124,21 @@ def test_cached_v1_equals_uncached_v1_step_for_step(files) -> None:
     assert results[0].keys() == results[1].keys()
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k])
+
+
+def test_feature_cache_computes_each_index_once_and_returns_exact_outputs() -> None:
+    images, calls = torch.randn(10, 3), []
+
+    def compute(x: torch.Tensor) -> list[torch.Tensor]:
+        calls.append(len(x))
+        return [x * 2, x.sum(1)]
+
+    cache = FeatureCache()
+    for ids in ([3, 1], [1, 7, 0], [9, 3, 7], [0, 1, 3]):  # growing indices, repeats, a fully cached batch
+        index = torch.tensor(ids)
+        got = cache(index, images[index], compute)
+        assert torch.equal(got[0], images[index] * 2) and torch.equal(got[1], images[index].sum(1))
+    assert calls == [2, 2, 1]
 
 
 @pytest.mark.slow
