@@ -87,6 +87,8 @@ class SmallCNN(nn.Module):
 
 class MLP(nn.Module):
     """mammoth's MNISTMLP: flatten, two hidden ReLU layers of ``width`` (100 in mammoth), linear head.
+    Deviation: PyTorch's default initialisation; mammoth re-initialises it with Xavier-uniform weights
+    and zero biases.
 
     Args:
         num_classes: outputs of the head.
