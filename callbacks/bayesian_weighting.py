@@ -200,9 +200,11 @@ class BayesianDataScheduler(L.Callback):
             weights = self.net.weights(index, self.transform)  # Step 1: look up w_i
         else:  # Step 1: w_i = N(z_i; phi), softmax over the global batch (every rank computes all of it)
             ids, mask = self.net.tokenize(info["text"])
-            self._batch["ids"] = self._gather(pl_module, ids.to(device))
-            self._batch["mask"] = self._gather(pl_module, mask.to(device))
-            all_weights = self.net.batch_weights(self._batch["ids"], self._batch["mask"], self.transform)
+            ids, mask = self._gather(pl_module, ids.to(device)), self._gather(pl_module, mask.to(device))
+            # The scheduler only changes after the step, so Eq. (11) reuses this forward (and its graph).
+            with torch.set_grad_enabled(self.optimizer is not None):
+                self._batch["weights"] = self.net.batch_weights(ids, mask, self.transform)
+            all_weights = self._batch["weights"].detach()
             rank, size = trainer.global_rank, len(index)
             weights = all_weights[rank * size : (rank + 1) * size]
             self._epoch_scores.append((all_weights.float().cpu(), self._batch["source"].cpu()))
@@ -238,8 +240,8 @@ class BayesianDataScheduler(L.Callback):
         """Eq. (8)/(11): mean_i sigma(w)_i l_i over the global batch, plus the priors (-log p(w))."""
         if self.kind == "scalar":
             weights = self.net.weights(self._batch["index"], self.transform)
-        else:
-            weights = self.net.batch_weights(self._batch["ids"], self._batch["mask"], self.transform)
+        else:  # computed with its graph before the step (the scheduler has not changed since)
+            weights = self._batch["weights"]
         objective = (weights * losses.to(weights)).mean()
         if self.entropy_weight:  # scalar only (checked in __init__)
             objective = objective + self.entropy_weight * negative_entropy(self.net.logits)
