@@ -221,7 +221,8 @@ class SurgeryModule(L.LightningModule):
         self.acc[f"val_acc_{task}"](self.heads(z, task), batch["label"])
         n = len(batch["label"])
         self.log(f"val/acc_{task}", self.acc[f"val_acc_{task}"], add_dataloader_idx=False, batch_size=n)
-        self.log(f"val/bias_{task}", (z - target).abs().mean(), add_dataloader_idx=False, batch_size=n)  # Eq. (S1)
+        self.log(f"val/bias_{task}", (z - target).abs().mean(), add_dataloader_idx=False, batch_size=n,
+                 sync_dist=True)  # Eq. (S1), averaged over every rank's images
 
     def on_validation_epoch_end(self) -> None:
         log_mean_accuracy(self, self.acc)

@@ -158,6 +158,24 @@ def test_ddp_spawn_training_equals_single_process(files) -> None:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_ddp_spawn_validation_reports_every_rank(files) -> None:
+    """The bias and accuracies of 2 processes (2 images each) equal 1 process's on all 4 images."""
+    gen = torch.Generator().manual_seed(2)
+    sets = [TaskDataset(t, torch.randn(4, 1, 16, 16, generator=gen), torch.arange(4) % c) for t, c in TASKS.items()]
+    results = []
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        trainer = L.Trainer(devices=devices, strategy=strategy, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        module = SurgeryModule(**files, version="v1", rank=2)
+        results.append(trainer.validate(module, dataloaders=[DataLoader(d, batch_size=2) for d in sets], verbose=False))
+    assert set(results[0][0]) >= {"val/bias_a", "val/acc_a", "val/acc"}
+    for single, multi in zip(*results, strict=True):
+        assert single.keys() == multi.keys()
+        for key in single:
+            torch.testing.assert_close(multi[key], single[key])
+
+
 def test_adamerging_coefficients_stay_in_bounds_and_task_wise_is_task_arithmetic(files, tmp_path) -> None:
     module = AdaMergingModule(**files, granularity="layer", lr=0.5, export_path=str(tmp_path / "m.safetensors"))
     assert module.coefficients.shape == (2, len(module.layers)) and torch.all(module.coefficients == 0.3)
