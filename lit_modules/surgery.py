@@ -217,7 +217,7 @@ class SurgeryModule(L.LightningModule):
         task = batch["task"][0]
         self._check_task(task)
         z = self._levels(self.merged, batch["image"], task)[-1]
-        target = self._levels(self.experts[self.tasks.index(task)], batch["image"], None)[-1]
+        target = self._final(self.experts[self.tasks.index(task)](batch["image"]))  # no block levels needed here
         self.acc[f"val_acc_{task}"](self.heads(z, task), batch["label"])
         n = len(batch["label"])
         self.log(f"val/acc_{task}", self.acc[f"val_acc_{task}"], add_dataloader_idx=False, batch_size=n)
