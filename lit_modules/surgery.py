@@ -37,10 +37,12 @@ from lit_modules.surgery_parts import (
     FeatureCache,
     LowRankCorrection,
     TaskHeads,
+    drop_frozen,
     entropy,
     freeze,
     load_task_models,
     log_mean_accuracy,
+    restore_frozen,
     task_accuracies,
 )
 
@@ -230,6 +232,12 @@ class SurgeryModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.surgery.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), weight_decay=0.0)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        drop_frozen(self, checkpoint)  # only the trained surgery modules; the frozen models come from the config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_frozen(self, checkpoint)
+
 
 class AdaMergingModule(L.LightningModule):
     """AdaMerging (Yang et al., ICLR 2024): learn merging coefficients by entropy minimisation on unlabelled data.
@@ -332,6 +340,12 @@ class AdaMergingModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.coefficients], lr=self.hparams.lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        drop_frozen(self, checkpoint)  # only the trained coefficients; the frozen models come from the config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_frozen(self, checkpoint)
 
     def merged_encoder(self) -> nn.Module:
         """A copy of the encoder holding the merged weights (clamped coefficients)."""

@@ -193,6 +193,24 @@ def test_adamerging_coefficients_stay_in_bounds_and_task_wise_is_task_arithmetic
         torch.testing.assert_close(got[k], expected[k])
 
 
+@pytest.mark.parametrize("cls", [SurgeryModule, AdaMergingModule])
+def test_checkpoints_hold_only_the_trained_parameters_and_resume(files, tmp_path, cls) -> None:
+    module = cls(**files, lr=0.01)
+    trained = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    path = tmp_path / "m.ckpt"
+    fit(module, steps=2).save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert saved.keys() == trained.keys() and not any(torch.equal(saved[k], v) for k, v in trained.items())
+    loaded = cls.load_from_checkpoint(path)
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    resumed = cls(**files, lr=0.01)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(resumed, train_dataloaders=loaders(4), ckpt_path=path)
+    assert trainer.global_step == 3
+
+
 def test_resumed_expert_keeps_the_prototype_head_of_theta_0(tmp_path) -> None:
     """The frozen head is built once from theta_0; resuming must not rebuild it from the half-tuned encoder."""
     gen = torch.Generator().manual_seed(0)
