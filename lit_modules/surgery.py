@@ -42,6 +42,7 @@ from lit_modules.surgery_parts import (
     freeze,
     load_task_models,
     log_mean_accuracy,
+    probe_input,
     restore_frozen,
     task_accuracies,
 )
@@ -142,10 +143,7 @@ class SurgeryModule(L.LightningModule):
     @torch.no_grad()
     def _widths(self) -> tuple[list[int], int]:
         """Widths of every block's output (V2 only; V1 needs no blocks) and of the representation."""
-        embed = getattr(self.merged, "patch_embed", None)
-        size = getattr(embed, "img_size", (224, 224))
-        chans = getattr(getattr(embed, "proj", None), "in_channels", 3)
-        example = torch.zeros(1, chans, *size)
+        example = probe_input(self.merged)
         if self._deep:
             return block_widths(self.merged, find_blocks(self.merged), example)
         return [], self.merged(example).shape[-1]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from core.timm_models import create_model, export_weights
 from core.zero_shot_head import DEFAULT_TEMPLATES, clip_text_encoder, zero_shot_head
-from lit_modules.surgery_parts import head_path, prototype_head
+from lit_modules.surgery_parts import head_path, probe_input, prototype_head
 
 
 class ExpertModule(L.LightningModule):
@@ -71,16 +71,13 @@ class ExpertModule(L.LightningModule):
             raise ValueError("model.init_args.text_encoder is required with head: zero_shot (a CLIP checkpoint)")
         self.encoder = create_model(model, pretrained, checkpoint, model_kwargs, key="model.init_args.model",
                                     checkpoint_key="model.init_args.checkpoint")
-        dim = self.encoder(torch.zeros(1, *self._input_shape())).shape[-1]
+        with torch.no_grad():
+            dim = self.encoder(probe_input(self.encoder)).shape[-1]
         self.head = nn.Linear(dim, num_classes, bias=False)
         self.head.requires_grad_(head == "learned")
         self.acc = nn.ModuleDict({f"{s}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
                                   for s in ("train", "val")})
         self._head_restored = False  # set when a checkpoint brings the (prototype) head along
-
-    def _input_shape(self) -> tuple[int, ...]:
-        embed = self.encoder.patch_embed
-        return (embed.proj.in_channels, *embed.img_size)
 
     def forward(self, images: Tensor) -> Tensor:
         return F.normalize(self.encoder(images), dim=-1) @ self.head.weight.T

@@ -96,6 +96,14 @@ class TaskHeads(nn.Module):
         return F.normalize(z, dim=-1) @ self.weight(task).T
 
 
+def probe_input(model: nn.Module) -> Tensor:
+    """A one-image zero batch the encoder accepts: a timm ViT's patch-embedding size and channels, else 3x224x224."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", (224, 224))
+    chans = getattr(getattr(embed, "proj", None), "in_channels", 3)
+    return torch.zeros(1, chans, *size)
+
+
 def prototype_head(features: Tensor, labels: Tensor, num_classes: int, logit_scale: float = 100.0) -> Tensor:
     """A zero-shot-like head from class means of features: rows ``scale * mean_c / |mean_c|``.
 
