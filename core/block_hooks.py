@@ -18,18 +18,22 @@ from torch import Tensor, nn
 BlockEdit = Callable[[int, Tensor], Tensor]
 
 
+# where timm ViTs, open_clip (visual) towers and Hugging Face CLIP vision models keep their blocks
+BLOCK_PATHS = ("blocks", "transformer.resblocks", "visual.transformer.resblocks", "encoder.layers",
+               "vision_model.encoder.layers")
+
+
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The list of residual blocks of a timm ViT, an open_clip visual tower or a Hugging Face CLIP vision model."""
-    for path in ("blocks", "transformer.resblocks", "visual.transformer.resblocks", "encoder.layers",
-                 "vision_model.encoder.layers"):
+    for path in BLOCK_PATHS:
         module: nn.Module | None = model
         for part in path.split("."):
             module = getattr(module, part, None)
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0:
             return module  # type: ignore[return-value]
     raise TypeError(
-        f"{type(model).__name__}: no transformer blocks found (looked for blocks, transformer.resblocks, "
-        "encoder.layers); SurgeryV2 needs a ViT backbone"
+        f"{type(model).__name__}: no transformer blocks found (looked for {', '.join(BLOCK_PATHS)}); SurgeryV2 "
+        "(model.init_args.version: v2) needs a ViT as model.init_args.model, V1 does not"
     )
 
 
