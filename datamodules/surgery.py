@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 DEMO_TASKS = ("photos", "mnist", "rotation", "digits", "lfw")
+DEMO_EXPERT_TASKS = ("photos", "rotation", "digits", "lfw")  # merged in the demo (mnist pre-trains theta_0)
 PAPER_TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -131,7 +132,8 @@ class SurgeryDataModule(L.LightningDataModule):
 
     Args:
         tasks: task names, in order: demo tasks (``photos``, ``mnist``, ``rotation``, ``digits``,
-            ``lfw``) or, with ``root``, folder names under it (``SUN397``, ``Cars``, ...).
+            ``lfw``) or, with ``root``, folder names under it (``SUN397``, ``Cars``, ...). Default: the
+            demo's four expert tasks (all but ``mnist``, which pre-trains theta_0).
         stage: ``finetune`` serves labelled training batches of ``tasks``; ``adapt`` serves unlabelled
             batches of every task at once for AdaMerging/Surgery.
         root: directory with ``<Task>/train`` and ``<Task>/test`` image folders (paper tasks); None
@@ -165,7 +167,7 @@ class SurgeryDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.tasks = list(tasks or ["mnist", "rotation", "digits", "lfw"])
+        self.tasks = list(tasks or DEMO_EXPERT_TASKS)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"data.init_args.tasks must list distinct task names, got {self.tasks}")
         if stage == "finetune" and len(self.tasks) != 1:

@@ -51,3 +51,7 @@ def test_bad_data_config_names_the_key(tmp_path) -> None:
         dm.setup()
     with pytest.raises(ValueError, match="unknown demo task 'cifar'"):
         SurgeryDataModule(tasks=["cifar"]).setup()
+
+
+def test_default_tasks_are_the_demo_experts_not_the_pre_training_task() -> None:
+    assert SurgeryDataModule().tasks == ["photos", "rotation", "digits", "lfw"]
