@@ -287,11 +287,8 @@ class AdaMergingModule(L.LightningModule):
         finetuned = list(states.values())
         taus = (merging.ties_selected(base, finetuned, ties_top_k) if vectors == "ties"
                 else [merging.task_vector(s, base) for s in finetuned])
-        self.keys = list(base)
         self.layers = merging.layer_keys(base)
-        for i, k in enumerate(self.keys):  # buffers follow the module to its device; not checkpointed
-            self.register_buffer(f"base_{i}", base[k], persistent=False)
-        for i, k in enumerate(self.layers):
+        for i, k in enumerate(self.layers):  # buffers follow the module to its device; not checkpointed
             self.register_buffer(f"tau_{i}", torch.stack([t[k] for t in taus]), persistent=False)
         shape = (len(self.tasks),) if granularity == "task" else (len(self.tasks), len(self.layers))
         self.coefficients = nn.Parameter(torch.full(shape, float(init)))
@@ -302,7 +299,7 @@ class AdaMergingModule(L.LightningModule):
         return self.coefficients.clamp(0.0, 1.0) if self.hparams.clamp else self.coefficients
 
     def merged_params(self) -> dict[str, Tensor]:
-        base = {k: getattr(self, f"base_{i}") for i, k in enumerate(self.keys)}
+        base = self.encoder.state_dict()  # the frozen encoder is theta_0: no second copy of it
         taus = [getattr(self, f"tau_{i}") for i in range(len(self.layers))]
         vectors = [{k: taus[i][j] for i, k in enumerate(self.layers)} for j in range(len(self.tasks))]
         return merging.combine(base, vectors, self.lambdas())
