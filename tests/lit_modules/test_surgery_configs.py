@@ -41,7 +41,7 @@ def run(configs: list[str], tmp_path: Path, *extra: str) -> train.LightningCLI:
 
 
 @pytest.mark.parametrize("overlay", [None, "demo_expert_rotation.yaml", "demo_expert_lfw.yaml"])
-def test_demo_pretrain_and_expert_stages(demo_files: dict, tmp_path: Path, overlay: str | None) -> None:
+def test_demo_expert_stages(demo_files: dict, tmp_path: Path, overlay: str | None) -> None:
     configs = ["demo_expert.yaml"] + ([overlay] if overlay else [])
     out = tmp_path / "expert.safetensors"
     cli = run(configs, tmp_path, f"--model.init_args.checkpoint={demo_files['pre']}", f"--model.init_args.export_path={out}")
