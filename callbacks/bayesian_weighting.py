@@ -38,7 +38,8 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
-from core.data_scheduler import NeuralScheduler, ScalarScheduler, resolve_encoder
+from core.data_scheduler import NeuralScheduler, ScalarScheduler
+from core.packaged_models import resolve_model
 from core.protocols import SupportsSampleWeighting, require_protocol
 from core.sample_weights import TRANSFORMS, Transform, gaussian_negative_log_prior, negative_entropy
 
@@ -141,7 +142,7 @@ class BayesianDataScheduler(L.Callback):
         elif self.pretrained:
             self.net = NeuralScheduler.from_pretrained(self.pretrained)
         else:
-            args = {**self.encoder_args, "encoder": resolve_encoder(self.encoder_args["encoder"])}
+            args = {**self.encoder_args, "encoder": resolve_model(self.encoder_args["encoder"])}
             self.net = NeuralScheduler(**args)
         self.net.eval()  # no dropout: weights are deterministic and identical on every rank
         if self.kind == "neural" and not self.train_encoder:

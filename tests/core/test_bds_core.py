@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.data_scheduler import NeuralScheduler, ScalarScheduler, pool_hidden, resolve_encoder
+from core.data_scheduler import NeuralScheduler, ScalarScheduler, pool_hidden
+from core.packaged_models import resolve_model
 from core.refusal_judge import KeywordRefusalJudge, answer_correct, final_number
 from core.sample_weights import gaussian_negative_log_prior, negative_entropy, transform_weights
 from core.sequence_loss import IGNORE_INDEX, mask_prompt, sequence_nll
@@ -73,7 +74,7 @@ def test_pooling() -> None:
 
 
 def test_neural_scheduler_saved_and_reloaded_gives_the_same_weights(tmp_path) -> None:
-    scheduler = NeuralScheduler(resolve_encoder("minilm"), pooling="mean", max_length=16)
+    scheduler = NeuralScheduler(resolve_model("minilm"), pooling="mean", max_length=16)
     torch.nn.init.normal_(scheduler.head.weight, std=0.5)
     texts = ["How many apples are left?", "Sure, here is a plan.", "I'm sorry, I cannot help."]
     before = scheduler.score_texts(texts)
