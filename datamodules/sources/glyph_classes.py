@@ -6,7 +6,7 @@ capitals, Latin small, Greek capitals, Greek small, Cyrillic capitals, Cyrillic 
 
 1. :data:`HOMOGLYPHS`, an explicit table of groups that print alike: the same letter in three scripts
    (Latin A, Greek Alpha, Cyrillic A), letters whose small form is a reduced capital (c/C, o/O, s/S,
-   Cyrillic ш/Ш, ...), and digit/letter pairs (0/O, 1/l/I, 3/З). The first member of a group is kept.
+   Cyrillic ш/Ш, ...), and digit/letter pairs (0/O, 1/l/I and dotless i, 3/З). The first member of a group is kept.
 2. A measured threshold for what the table misses: the mean cosine similarity, over the faces both
    characters have, of their clean masters (:func:`~datamodules.sources.glyph_fonts.render_master`),
    taken both as rendered (size and position kept) and rescaled to fill the canvas (so that a small
@@ -60,7 +60,7 @@ kept (Latin before Greek before Cyrillic)."""
 
 HOMOGLYPHS: tuple[str, ...] = (
     # the same capital in Latin, Greek and Cyrillic (and the Latin small letters that print like them)
-    "AΑА", "BΒВ", "CСcс", "EΕЕ", "HΗН", "I1lΙ", "KΚКκкĸ", "MΜМ", "NΝ", "O0oΟοОо", "PΡР", "TΤТ",
+    "AΑА", "BΒВ", "CСcс", "EΕЕ", "HΗН", "I1lΙı", "KΚКκкĸ", "MΜМ", "NΝ", "O0oΟοОо", "PΡР", "TΤТ",
     "XΧХxх", "YΥУ", "ZΖz", "aа", "eе", "pрρ", "yу", "ΓГ", "ΠП", "ΦФ",
     # a small letter that is a reduced capital of its own script
     "SsЅѕ", "iі", "JЈ", "jј", "ÐĐ", "Ææ", "Øø", "Œœ", "Uu", "Vv", "Ww", "Бб", "Вв", "Гг", "Дд", "Жж", "3Зз", "Ии", "Йй", "Лл", "Мм", "Нн",

@@ -1,14 +1,14 @@
 """Glyphs: a many-class offline image set of printed characters, an offline stand-in for Omniglot/CIFAR-FS.
 
 What it is. A class is a character (digits, Latin, Greek and Cyrillic letters; homoglyphs removed, see
-:mod:`.glyph_classes`: 123 classes). An instance is the character in one of the 21 TrueType faces that
+:mod:`.glyph_classes`: 122 classes). An instance is the character in one of the 21 TrueType faces that
 ship inside matplotlib (:mod:`.glyph_fonts`), drawn through a seeded random affine map (rotation, scale,
 shear, shift) with a random stroke thickening and optional Gaussian noise: white ink on black, uint8, 28
 or 32 px (any size), like MNIST. Instances of a class cycle over its faces, so every face appears equally.
 
 Splits (:func:`glyph_splits`) are fixed by a seed and by name, with no class in two splits of one
-protocol: ``meta_train`` / ``meta_val`` / ``meta_test`` in CIFAR-FS's 64/16/20 proportions (78/20/25
-classes), ``fscil`` (100 classes in order: 60 base, then 40 incremental) and ``pretrain`` (the other 23,
+protocol: ``meta_train`` / ``meta_val`` / ``meta_test`` in CIFAR-FS's 64/16/20 proportions (78/20/24
+classes), ``fscil`` (100 classes in order: 60 base, then 40 incremental) and ``pretrain`` (the other 22,
 for pre-training backbones that must not have seen the FSCIL classes). Faces split too: ``faces="train"``
 leaves out :data:`~.glyph_fonts.HELDOUT_FACES`, ``faces="heldout"`` uses only them.
 

@@ -55,7 +55,7 @@ def test_splits_counts_and_disjointness() -> None:
     splits = glyph_splits(0)
     classes = glyph_classes()
     meta = [splits[k] for k in ("meta_train", "meta_val", "meta_test")]
-    assert [len(s) for s in meta] == [78, 20, 25] and sum(map(len, meta)) == len(classes) == 123
+    assert [len(s) for s in meta] == [78, 20, 24] and sum(map(len, meta)) == len(classes) == 122
     for a, b in itertools.combinations(meta, 2):
         assert not set(a) & set(b)
     assert set().union(*map(set, meta)) == set(classes)
