@@ -18,14 +18,18 @@ capitals, Latin small, Greek capitals, Greek small, Cyrillic capitals, Cyrillic 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import unicodedata
 
 import numpy as np
 
+from core.atomic_write import atomic_write_bytes
 from datamodules.sources.glyph_fonts import (
     GLYPH_FACES,
     MASTER_SIZE,
+    cache_file,
     face_codepoints,
     faces_with,
     render_master,
@@ -115,6 +119,20 @@ def similarity_matrix(chars: tuple[str, ...]) -> np.ndarray:
 
 @functools.cache
 def _selection() -> tuple[tuple[str, ...], tuple[tuple[str, str, str], ...]]:
+    """The selection, read from the cache when the rules and fonts are unchanged (it costs a few seconds)."""
+    settings = {"candidates": "".join(CANDIDATES), "table": list(HOMOGLYPHS), "threshold": SIMILARITY_THRESHOLD,
+                "min_faces": MIN_FACES}
+    path = cache_file("classes", settings, ".json")
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        return tuple(cached["kept"]), tuple(map(tuple, cached["dropped"]))
+    kept, dropped = _select()
+    with contextlib.suppress(OSError):  # an unwritable cache only costs the next process a recomputation
+        atomic_write_bytes(path, json.dumps({"kept": kept, "dropped": dropped}, ensure_ascii=False).encode())
+    return kept, dropped
+
+
+def _select() -> tuple[tuple[str, ...], tuple[tuple[str, str, str], ...]]:
     representative = _homoglyph_representative()
     covered = tuple(c for c in CANDIDATES if len(faces_with(c)) >= MIN_FACES)
     similarity = similarity_matrix(covered)

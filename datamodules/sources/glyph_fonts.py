@@ -14,9 +14,13 @@ faces (cmex10, cmmi10, cmsy10): they hold symbols, sizes or remapped code points
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
+
+from core.packaged_models import default_cache_dir
 
 GLYPH_FACES: tuple[str, ...] = (
     "DejaVuSans",
@@ -46,6 +50,9 @@ GLYPH_FACES: tuple[str, ...] = (
 HELDOUT_FACES: tuple[str, ...] = ("DejaVuSansMono-BoldOblique", "DejaVuSerif-Italic", "STIXGeneralBolIta", "cmss10")
 """Faces kept out of ``faces="train"`` so that generalisation to unseen typefaces can be measured: one per
 family, chosen among the styles that differ most from the upright regular faces."""
+
+CACHE_VERSION = 1
+"""Bumped whenever masters, class selection or rendering change, so that older cache files are never read."""
 
 MASTER_SIZE = 64
 """Side of a master image in pixels; instances are resampled from it (so 28 and 32 px share masters)."""
@@ -127,3 +134,13 @@ def render_master(face: str, char: str) -> np.ndarray:
         raise ValueError(f"glyph source: face {face} draws {char!r} (U+{ord(char):04X}) blank")
     out.setflags(write=False)
     return out
+
+
+def cache_file(kind: str, settings: dict, suffix: str) -> Path:
+    """Where the glyph source caches ``kind`` built from ``settings``: a file under the litzoo cache whose
+    name is a hash of the settings, :data:`CACHE_VERSION`, the master size and the font files' sizes."""
+    fonts = font_dir()
+    settings = {**settings, "version": CACHE_VERSION, "master": MASTER_SIZE, "point": POINT_SIZE,
+                "fonts": [(f, (fonts / f"{f}.ttf").stat().st_size) for f in GLYPH_FACES]}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=True).encode()).hexdigest()[:20]
+    return default_cache_dir() / "glyphs" / f"{kind}-{key}{suffix}"

@@ -28,12 +28,10 @@ Rendering is vectorised (one ``grid_sample`` per chunk) and cached as an ``.npz`
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
-import json
+import io
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,20 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from core.packaged_models import default_cache_dir
+from core.atomic_write import atomic_write_bytes
 from core.rng import keyed_generator
 from datamodules.sources.glyph_classes import glyph_classes
-from datamodules.sources.glyph_fonts import (
-    GLYPH_FACES,
-    HELDOUT_FACES,
-    MASTER_SIZE,
-    faces_with,
-    font_dir,
-    render_master,
-)
-
-CACHE_VERSION = 1
-"""Bumped whenever rendering changes, so that older cache files are never read."""
+from datamodules.sources.glyph_fonts import GLYPH_FACES, HELDOUT_FACES, cache_file, faces_with, render_master
 
 SPLIT_NAMES = ("meta_train", "meta_val", "meta_test", "fscil", "pretrain")
 FSCIL_CLASSES, FSCIL_BASE = 100, 60
@@ -164,26 +152,15 @@ def _render(chars: tuple[str, ...], per_class: int, size: int, faces: tuple[str,
     return out.numpy(), np.asarray(label_idx, dtype=np.int64), np.asarray(face_idx, dtype=np.int64)
 
 
-def _cache_file(settings: dict) -> Path:
-    fonts = font_dir()
-    settings = {**settings, "version": CACHE_VERSION, "master": MASTER_SIZE,
-                "fonts": [(f, (fonts / f"{f}.ttf").stat().st_size) for f in GLYPH_FACES]}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=True).encode()).hexdigest()[:20]
-    return default_cache_dir() / "glyphs" / f"{key}.npz"
-
-
 def _load_or_build(path: Path, build: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
     if path.is_file():
         with np.load(path) as data:
             return data["images"], data["labels"], data["faces"]
     arrays = build()
-    try:  # atomic: write a temporary file beside the target, then rename; an unwritable cache is skipped
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            np.savez(tmp, images=arrays[0], labels=arrays[1], faces=arrays[2])
-        os.replace(tmp.name, path)
-    except OSError:
-        pass
+    buffer = io.BytesIO()
+    np.savez(buffer, images=arrays[0], labels=arrays[1], faces=arrays[2])
+    with contextlib.suppress(OSError):  # an unwritable cache only costs the next run a re-render
+        atomic_write_bytes(path, buffer.getvalue())
     return arrays
 
 
@@ -219,7 +196,7 @@ def render_glyphs(chars: Sequence[str], per_class: int = 20, size: int = 28, fac
                               rotation, tuple(scale), shear, shift)
     if not cache:
         return build()
-    return _load_or_build(_cache_file(settings), build)
+    return _load_or_build(cache_file("images", settings, ".npz"), build)
 
 
 class GlyphSet(Dataset):
