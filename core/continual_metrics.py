@@ -45,7 +45,8 @@ def stream_metrics(matrix: Tensor, random_init: Tensor | None = None) -> dict[st
 
 
 def save_accuracy_heatmap(matrix: Tensor, path: str | Path, title: str) -> Path:
-    """Draw the matrix as an annotated heatmap PNG (rows: after task t, columns: task i)."""
+    """Draw the matrix as an annotated heatmap PNG (rows: after task t, columns: task i); NaN cells (tasks
+    not trained yet) stay blank."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,6 +60,8 @@ def save_accuracy_heatmap(matrix: Tensor, path: str | Path, title: str) -> Path:
     for t in range(tasks):
         for i in range(tasks):
             value = float(matrix[t, i])
+            if value != value:  # NaN: nothing measured yet
+                continue
             ax.text(i, t, f"{100 * value:.0f}", ha="center", va="center", fontsize=8,
                     color="black" if value > 0.6 else "white")
     ax.set_xlabel("evaluated task i")

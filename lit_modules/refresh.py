@@ -37,6 +37,7 @@ from core.continual_metrics import save_accuracy_heatmap, stream_metrics
 from core.fisher import FisherVariant, dataset_fisher
 from core.protocols import TaskStream, require_protocol
 from core.rng import keyed_generator
+from core.run_dir import run_directory
 from core.tensor_augment import random_crop_flip
 from lit_modules.refresh_parts import build_backbone
 
@@ -284,7 +285,7 @@ class ContinualModule(L.LightningModule):
     def _summarise(self, task: int) -> None:
         """Metrics of the finished tasks 0..task; heatmaps (and W&B tables) of the accuracy matrices."""
         summary: dict[str, float] = {"tasks_done": float(task + 1)}
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank
+        out = run_directory(self.trainer)  # a collective call: every rank
         for m, mode in enumerate(MODES):
             matrix = self.results["matrix"][m, : task + 1, : task + 1]
             metrics = stream_metrics(matrix, self.results["random"][m, : task + 1])
@@ -295,7 +296,7 @@ class ContinualModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in summary.items()})
 
     def _draw(self, out: Path, mode: str, rows: Tensor) -> None:
-        square = torch.nan_to_num(torch.cat([rows, torch.full((rows.shape[1] - rows.shape[0], rows.shape[1]), float("nan"))]))
+        square = torch.cat([rows, torch.full((rows.shape[1] - rows.shape[0], rows.shape[1]), float("nan"))])
         png = save_accuracy_heatmap(square, out / f"acc_matrix_{mode}.png", f"{mode} accuracy (row t: after task t)")
         columns = ["after_task"] + [f"task_{i}" for i in range(rows.shape[1])]
         data = [[t, *row.tolist()] for t, row in enumerate(rows)]
