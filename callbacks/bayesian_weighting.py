@@ -41,7 +41,14 @@ from torchmetrics.functional.classification import binary_auroc
 from core.data_scheduler import NeuralScheduler, ScalarScheduler
 from core.packaged_models import resolve_model
 from core.protocols import SupportsSampleWeighting, require_protocol
-from core.sample_weights import TRANSFORMS, Transform, gaussian_negative_log_prior, negative_entropy
+from core.run_dir import run_directory
+from core.sample_weights import (
+    TRANSFORMS,
+    Transform,
+    gaussian_negative_log_prior,
+    negative_entropy,
+    plot_weight_history,
+)
 
 ARGS = "BayesianDataScheduler init_args."
 """Prefix of the config keys that error messages name (the callback sits in ``trainer.callbacks``)."""
@@ -126,6 +133,7 @@ class BayesianDataScheduler(L.Callback):
         self.optimizer: torch.optim.Optimizer | None = None
         self.sources: Tensor | None = None  # scalar: source label per dataset index (-1 unseen), monitoring only
         self._epoch_scores: list[tuple[Tensor, Tensor]] = []  # neural: (weight, source) seen this epoch
+        self.history: list[dict[str, float]] = []  # per-epoch weight statistics, drawn at the end of fit
         self._batch: dict[str, Tensor] = {}
         self._pending: dict[str, Any] | None = None
 
@@ -154,6 +162,9 @@ class BayesianDataScheduler(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.net.to(pl_module.device)
+        if self.kind == "scalar" and not self.history:  # epoch 0: the initial weights (all equal)
+            self.history.append({"epoch": 0, "step": 0, "weight_mean_harmful": float(self.all_weights().mean()),
+                                 "weight_mean_benign": float(self.all_weights().mean())})
         if self.optimizer is not None:  # state restored before the move stays on its old device otherwise
             for state in self.optimizer.state.values():
                 for key, value in state.items():
@@ -164,7 +175,8 @@ class BayesianDataScheduler(L.Callback):
         if self.net is None:
             return {}
         return {"kind": self.kind, "net": self.net.state_dict(), "generator": self.generator.get_state(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer else None, "sources": self.sources}
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None, "sources": self.sources,
+                "history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -183,6 +195,7 @@ class BayesianDataScheduler(L.Callback):
         if self.optimizer is not None and state_dict["optimizer"] is not None:
             self.optimizer.load_state_dict(state_dict["optimizer"])
         self.sources = state_dict["sources"]
+        self.history = list(state_dict.get("history", []))
         self._pending = None
 
     # ------------------------------------------------------------------ the two steps
@@ -268,6 +281,7 @@ class BayesianDataScheduler(L.Callback):
             return
         self._epoch_scores = []
         stats = weight_statistics(weights, sources)
+        self.history.append({"epoch": trainer.current_epoch + 1, "step": trainer.global_step, **stats})
         for name, value in stats.items():
             pl_module.log(f"train/{name}", value, on_step=False, on_epoch=True, sync_dist=False)
         for logger in trainer.loggers:
@@ -278,8 +292,17 @@ class BayesianDataScheduler(L.Callback):
                                        "trainer/global_step": trainer.global_step})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.kind == "neural" and self.save_dir and trainer.is_global_zero:
+        folder = run_directory(trainer)  # collective: every rank
+        if not trainer.is_global_zero:
+            return
+        if self.kind == "neural" and self.save_dir:
             self.net.save_pretrained(self.save_dir)
+        if self.history:
+            png = plot_weight_history(self.history, folder / "bds_weights.png",
+                                      f"{self.kind} scheduler: weights of harmful vs benign rows")
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key="train/weights_over_training", images=[str(png)])
 
 
 def weight_statistics(weights: Tensor, sources: Tensor) -> dict[str, float]:

@@ -17,6 +17,7 @@ isotropic Gaussian on w.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -57,3 +58,43 @@ def gaussian_negative_log_prior(logits: Tensor, mean: float, std: float) -> Tens
         raise ValueError(f"the Gaussian prior needs std > 0, got {std}")
     z = (logits - mean) / std
     return 0.5 * (z * z).sum() + logits.numel() * math.log(std * math.sqrt(2 * math.pi))
+
+
+def plot_weight_history(history: list[dict[str, float]], path: Path, title: str = "sample weights") -> Path:
+    """Draw the mean weight of harmful and benign fine-tuning rows (and the weight AUROC) per epoch as a PNG.
+
+    Args:
+        history: one dict per record with ``epoch`` and any of ``weight_mean_harmful``, ``weight_mean_benign``,
+            ``weight_auroc`` (records missing a key are skipped for that curve).
+        path: the PNG to write (its folder is created).
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for key, label, color in (("weight_mean_harmful", "harmful rows", "tab:red"),
+                              ("weight_mean_benign", "benign rows", "tab:blue")):
+        points = [(h["epoch"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="o", color=color, label=label)
+    ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("epoch (0: before training)")
+    ax.set_ylabel("mean weight")
+    auroc = [(h["epoch"], h["weight_auroc"]) for h in history if "weight_auroc" in h]
+    if auroc:
+        twin = ax.twinx()
+        twin.plot(*zip(*auroc), color="black", ls="--", lw=1, label="AUROC (-weight vs harmful)")
+        twin.set_ylim(0, 1.02)
+        twin.set_ylabel("AUROC", fontsize=8)
+        twin.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -39,8 +39,10 @@ import torch
 import torchmetrics
 from torch import Tensor
 
+from core.model_card import write_model_card
 from core.packaged_models import resolve_model
 from core.refusal_judge import answer_correct
+from core.run_dir import run_directory
 from core.sequence_loss import sequence_nll
 
 Mode = Literal["bds", "sft", "mix", "weighted_only", "seal"]
@@ -87,6 +89,8 @@ class BDSModule(L.LightningModule):
         judge_kwargs: keyword arguments of the judge.
         predictions_file: JSON-lines file that ``predict`` writes (prompt, answer); None: not written.
         trust_remote_code: allow the model repository's own code (off: only built-in architectures).
+        export_adapter: at the end of ``fit``, save the LoRA weights as a PEFT adapter folder with a model
+            card in ``<run folder>/adapter`` (``PeftModel.from_pretrained(base, folder)`` loads it).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class BDSModule(L.LightningModule):
         judge_kwargs: dict[str, Any] | None = None,
         predictions_file: str | None = None,
         trust_remote_code: bool = False,
+        export_adapter: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -272,6 +277,24 @@ class BDSModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.rho = checkpoint.get("bds_rho", self.rho)
+
+    def on_fit_end(self) -> None:
+        folder = run_directory(self.trainer) / "adapter"  # collective: every rank
+        if not self.hparams.export_adapter or not self.trainer.is_global_zero:
+            return
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        data = self.trainer.datamodule
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        write_model_card(
+            folder, f"LoRA adapter: {self.hparams.mode} fine-tuning of {self.hparams.model}",
+            "LoRA weights trained by litzoo's BDSModule (Bayesian Data Scheduler, Hu et al., NeurIPS 2025, and its "
+            f"baselines); mode `{self.hparams.mode}`, rank {self.hparams.lora_r}, targets {self.target_modules}.",
+            base_model=str(self.hparams.model), data=dict(data.hparams) if data is not None else None,
+            metrics=metrics, config=dict(self.hparams), tags=["peft", "lora", "bds"],
+            usage=("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+                   f"base = AutoModelForCausalLM.from_pretrained({str(resolve_model(self.hparams.model))!r})\n"
+                   f"model = PeftModel.from_pretrained(base, {str(folder)!r})"))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -119,6 +119,24 @@ def test_resume_restores_scheduler_weights_and_lora(tiny_llama: str, tmp_path: P
     torch.testing.assert_close(resumed.all_weights(), full.all_weights(), rtol=0, atol=1e-5)
     for name, value in lora_state(full_module).items():
         torch.testing.assert_close(lora_state(resumed_module)[name], value, rtol=1e-4, atol=1e-6)
+    # the weight history (drawn at the end) survives the resume: epoch 0 (init), 1, 2 as in the full run
+    assert [h["epoch"] for h in resumed.history] == [h["epoch"] for h in full.history] == [0, 1, 2]
+    assert resumed.history[-1]["weight_mean_harmful"] == pytest.approx(full.history[-1]["weight_mean_harmful"], abs=1e-5)
+    assert (Path.cwd() / "bds_weights.png").stat().st_size > 1000
+
+
+def test_fit_exports_a_peft_adapter_with_a_model_card(tiny_llama: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    module, dm = make(tiny_llama)
+    fit(module, dm)
+    folder = Path.cwd() / "adapter"
+    card = (folder / "README.md").read_text()
+    assert "base_model:" in card and "## Metrics" in card and "harmful_ratio" in card
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(folder))
+    for name, value in lora_state(module).items():
+        torch.testing.assert_close(dict(loaded.named_parameters())[name], value)
 
 
 def test_cli_fast_dev_run_with_a_tiny_llama(tiny_llama: str, run_overrides: list[str]) -> None:
