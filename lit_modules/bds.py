@@ -39,6 +39,7 @@ import torch
 import torchmetrics
 from torch import Tensor
 
+from core.fsdp_init import loads_full_weights
 from core.model_card import write_model_card
 from core.packaged_models import resolve_model
 from core.refusal_judge import answer_correct
@@ -144,14 +145,20 @@ class BDSModule(L.LightningModule):
         if self.model is not None:
             return
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         hp = self.hparams
         path = resolve_model(hp.model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=hp.trust_remote_code)
-            base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, hp.dtype),
-                                                        trust_remote_code=hp.trust_remote_code)
+            if getattr(self, "_trainer", None) is None or loads_full_weights(self.trainer):
+                base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, hp.dtype),
+                                                            trust_remote_code=hp.trust_remote_code)
+            else:  # FSDP broadcasts rank 0's weights: the other ranks only need the architecture
+                config = AutoConfig.from_pretrained(path, trust_remote_code=hp.trust_remote_code)
+                with torch.device("meta"):
+                    base = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, hp.dtype),
+                                                            trust_remote_code=hp.trust_remote_code)
         except OSError as err:
             hint = (" (build the SmolLM2 folder once with: python -c 'from datamodules.sources import smollm2_path; "
                     "smollm2_path()')") if "smollm2" in path else ""
