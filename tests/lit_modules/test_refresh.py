@@ -174,6 +174,9 @@ def test_accuracy_matrix_reaches_wandb_as_a_table_and_an_image(tmp_path) -> None
     trainer.fit(ContinualModule(**SMALL, beta=1.0), stream(epochs_per_task=1))
     summary = dict(logger.experiment.summary)
     logger.experiment.finish()
+    # the PNGs live in the W&B run's own folder (never in the current folder or the shared save_dir)
+    assert (tmp_path / "litzoo-test" / logger.version / "acc_matrix_class_il.png").is_file()
+    assert not list(tmp_path.glob("*.png")) and tmp_path.resolve() == Path.cwd().resolve()
     assert summary["val/acc_matrix_class_il"]["_type"] == "table-file"
     assert summary["val/acc_heatmap_task_il"]["_type"] == "images/separated"
 
