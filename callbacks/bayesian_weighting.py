@@ -11,8 +11,10 @@ batch's detached per-sample losses (Eq. 8 scalar, Eq. 11 neural):
 Samples that fit worse than the weighted average lose weight, the others gain (softmax: the weights
 always average 1). ``lambda`` (``reference_weight``) is the paper's safety-agnostic reference term
 (the release leaves it unimplemented: default 0); the reference is the model without its LoRA
-adapters, which never saw the alignment data. Langevin noise sqrt(2 eta T) N(0, I) after each step
-turns the point estimate into SGLD (paper); the release has none (default T = 0). Losses are those
+adapters, which never saw the alignment data. Langevin noise sqrt(2 eta T) N(0, I) on the scheduler's
+parameters after each of its steps samples the weights instead of point-estimating them; unlike the
+paper's SGLD over the joint posterior it leaves theta noise-free, and the release adds none (default
+T = 0). Losses are those
 of the LLM step just taken (``pre_update``, the release: no extra forward) or recomputed after it
 (``post_update``: one extra forward per step).
 
@@ -41,6 +43,7 @@ from torchmetrics.functional.classification import binary_auroc
 from core.data_scheduler import NeuralScheduler, ScalarScheduler
 from core.packaged_models import resolve_model
 from core.protocols import SupportsSampleWeighting, require_protocol
+from core.rng import keyed_generator
 from core.run_dir import run_directory
 from core.sample_weights import (
     TRANSFORMS,
@@ -49,6 +52,9 @@ from core.sample_weights import (
     negative_entropy,
     plot_weight_history,
 )
+
+RELEASE_INIT = {"softmax": 0.1, "sigmoid": -1e-4, "identity": -1e-4}
+"""The release's initial logit per transform (``--init`` for softmax, the hard-coded -1e-4 otherwise)."""
 
 ARGS = "BayesianDataScheduler init_args."
 """Prefix of the config keys that error messages name (the callback sits in ``trainer.callbacks``)."""
@@ -60,15 +66,16 @@ class BayesianDataScheduler(L.Callback):
     Args:
         scheduler: ``scalar`` (one logit per sample) or ``neural`` (encoder + pooling + head).
         transform: sigma: ``softmax`` (paper default), ``sigmoid`` or ``identity``.
-        init: initial scalar logit (release 0.1).
+        init: initial scalar logit; ``None``: the release's value for the transform (softmax 0.1, i.e. uniform
+            weights 1; sigmoid and identity -1e-4, i.e. weights about 1 and about 0 at the start).
         lr: scheduler AdamW learning rate (release 5e-3).
         betas: scheduler AdamW betas (release (0.9, 0.95)).
         weight_decay: scheduler AdamW weight decay (release 0).
         grad_clip: scheduler gradient-norm clip (release 10; 0 disables).
         loss_timing: ``pre_update`` (the losses of the LLM step just taken, release) or
             ``post_update`` (recomputed with the updated LLM, one extra forward per step).
-        langevin_temperature: T of the SGLD noise sqrt(2 lr T) N(0, I) added after each update (0: off,
-            the release; the paper describes SGLD).
+        langevin_temperature: T of the Langevin noise sqrt(2 lr T) N(0, I) added to the scheduler's parameters
+            after each update (0: off, the release; the paper's SGLD would also perturb theta).
         reference_weight: lambda of the safety-agnostic reference term (0: off, the release).
         entropy_weight: coefficient of the negative-entropy prior (pulls towards uniform weights; scalar).
         gaussian_prior_weight: coefficient of the Gaussian prior N(init, gaussian_prior_std^2) on the logits
@@ -89,7 +96,7 @@ class BayesianDataScheduler(L.Callback):
         self,
         scheduler: Literal["scalar", "neural"] = "scalar",
         transform: Transform = "softmax",
-        init: float = 0.1,
+        init: float | None = None,
         lr: float = 5e-3,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.0,
@@ -120,7 +127,8 @@ class BayesianDataScheduler(L.Callback):
         if scheduler == "neural" and (entropy_weight or gaussian_prior_weight):
             raise ValueError(f"{ARGS}entropy_weight / gaussian_prior_weight are priors on the scalar scheduler's "
                              "logits; the neural scheduler has none: set them to 0")
-        self.kind, self.transform, self.init = scheduler, transform, init
+        self.kind, self.transform = scheduler, transform
+        self.init = RELEASE_INIT[transform] if init is None else init
         self.opt_args = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
         self.grad_clip, self.loss_timing, self.temperature = grad_clip, loss_timing, langevin_temperature
         self.reference_weight, self.entropy_weight = reference_weight, entropy_weight
@@ -128,7 +136,6 @@ class BayesianDataScheduler(L.Callback):
         self.encoder_args = {"encoder": encoder, "pooling": pooling, "max_length": max_length}
         self.train_encoder, self.pretrained, self.trainable, self.save_dir = train_encoder, pretrained, trainable, save_dir
         self.seed = seed
-        self.generator: torch.Generator | None = None  # built in setup: a Generator cannot be pickled (ddp_spawn)
         self.net: ScalarScheduler | NeuralScheduler | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.sources: Tensor | None = None  # scalar: source label per dataset index (-1 unseen), monitoring only
@@ -142,7 +149,6 @@ class BayesianDataScheduler(L.Callback):
         require_protocol(pl_module, SupportsSampleWeighting, type(self).__name__)
         if stage != "fit" or self.net is not None:
             return
-        self.generator = torch.Generator().manual_seed(self.seed)
         if self.kind == "scalar":
             n = pl_module.num_weighted_samples()
             self.net = ScalarScheduler(n, self.init)
@@ -162,6 +168,8 @@ class BayesianDataScheduler(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.net.to(pl_module.device)
+        if self.sources is not None:
+            self.sources = self.sources.to(pl_module.device)
         if self.kind == "scalar" and not self.history:  # epoch 0: the initial weights (all equal)
             self.history.append({"epoch": 0, "step": 0, "weight_mean_harmful": float(self.all_weights().mean()),
                                  "weight_mean_benign": float(self.all_weights().mean())})
@@ -174,9 +182,10 @@ class BayesianDataScheduler(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.net is None:
             return {}
-        return {"kind": self.kind, "net": self.net.state_dict(), "generator": self.generator.get_state(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer else None, "sources": self.sources,
-                "history": list(self.history)}
+        return {"kind": self.kind, "net": self.net.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "sources": None if self.sources is None else self.sources.cpu(),
+                "history": list(self.history), "epoch_scores": [(w.cpu(), src.cpu()) for w, src in self._epoch_scores]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -191,11 +200,11 @@ class BayesianDataScheduler(L.Callback):
                              f"samples, the data has {self.net.logits.numel()}: resume with the checkpoint's data "
                              "settings (data.init_args.num_finetune, max_length)")
         self.net.load_state_dict(state_dict["net"])
-        self.generator.set_state(state_dict["generator"])
         if self.optimizer is not None and state_dict["optimizer"] is not None:
             self.optimizer.load_state_dict(state_dict["optimizer"])
         self.sources = state_dict["sources"]
         self.history = list(state_dict.get("history", []))
+        self._epoch_scores = list(state_dict.get("epoch_scores", []))
         self._pending = None
 
     # ------------------------------------------------------------------ the two steps
@@ -221,12 +230,12 @@ class BayesianDataScheduler(L.Callback):
             all_weights = self._batch["weights"].detach()
             rank, size = trainer.global_rank, len(index)
             weights = all_weights[rank * size : (rank + 1) * size]
-            self._epoch_scores.append((all_weights.float().cpu(), self._batch["source"].cpu()))
+            self._epoch_scores.append((all_weights.float(), self._batch["source"]))
         pl_module.set_sample_weights(weights)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.sources is not None:
-            self.sources[self._batch["index"].cpu()] = self._batch["source"].cpu()
+            self.sources[self._batch["index"]] = self._batch["source"]
         if self.optimizer is None:
             return
         _, losses = pl_module.last_sample_losses()
@@ -243,11 +252,12 @@ class BayesianDataScheduler(L.Callback):
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.optimizer.step()
-        if self.temperature > 0:  # SGLD: same generator state on every rank -> same noise
+        if self.temperature > 0:  # Langevin: noise keyed by (seed, step), drawn on the device, equal on every rank
             std = math.sqrt(2.0 * self.opt_args["lr"] * self.temperature)
+            generator = keyed_generator(self.seed, trainer.global_step, device=params[0].device)
             with torch.no_grad():
                 for p in params:
-                    p.add_(torch.randn(p.shape, generator=self.generator).to(p) * std)
+                    p.add_(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * std)
         pl_module.log("train/scheduler_objective", objective.detach(), on_step=True, on_epoch=False)
 
     def _objective(self, losses: Tensor) -> Tensor:
@@ -274,9 +284,9 @@ class BayesianDataScheduler(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.kind == "scalar":
-            weights, sources = self.all_weights(), self.sources
+            weights, sources = self.all_weights(), self.sources.cpu()
         elif self._epoch_scores:
-            weights, sources = (torch.cat(x) for x in zip(*self._epoch_scores))
+            weights, sources = (torch.cat(x).cpu() for x in zip(*self._epoch_scores))
         else:
             return
         self._epoch_scores = []

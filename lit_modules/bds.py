@@ -133,6 +133,7 @@ class BDSModule(L.LightningModule):
         self.judge: Any = None
         self.rho = rho
         self._weights: Tensor | None = None
+        self._finite: Tensor | None = None  # all losses so far finite (a device flag)
         self._last: dict[str, Tensor] = {}
         self._predictions: list[dict[str, str]] = []
         self.metrics = torch.nn.ModuleDict({
@@ -257,8 +258,12 @@ class BDSModule(L.LightningModule):
             loss = self.rho * align_loss + (1.0 - self.rho) * ft_loss
         else:  # Eq. (7); sft/weighted_only carry no alignment term, sft/mix have weights 1
             loss = align_loss + ft_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}: lower model.init_args.lr")
+        # A non-finite loss is flagged on the device and checked when Lightning logs (it syncs then anyway),
+        # not with a host sync every step.
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0 and not bool(self._finite):
+            raise FloatingPointError(f"non-finite loss at or before step {self.global_step}: lower model.init_args.lr")
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(loss)
@@ -283,6 +288,17 @@ class BDSModule(L.LightningModule):
         checkpoint["bds_rho"] = self.rho
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # strict_loading is off (the frozen base is not saved), so a LoRA layout mismatch must be caught here.
+        expected = {f"model.{n}": tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+        saved = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if not k.startswith("metrics.")}
+        if saved != expected:
+            missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+            reshaped = sorted(k for k in saved.keys() & expected.keys() if saved[k] != expected[k])
+            raise ValueError(
+                f"the checkpoint's LoRA weights do not fit model.init_args (lora_r, lora_target_modules, lora_layers): "
+                f"{len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape "
+                f"(e.g. {(missing or unexpected or reshaped)[0]}); resume with the checkpoint's LoRA settings"
+            )
         self.rho = checkpoint.get("bds_rho", self.rho)
 
     def on_fit_end(self) -> None:

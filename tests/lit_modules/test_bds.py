@@ -224,3 +224,47 @@ def test_paper_data_missing_names_data_root(tiny_llama: str) -> None:
         dm.setup("fit")
     with pytest.raises(ValueError, match="harmful_source: beavertails"):
         BDSDataModule(tokenizer=tiny_llama, task="sst2", prompt_format="alpaca").setup("fit")
+
+
+@pytest.mark.parametrize("mode", ["mix", "seal"])
+def test_mix_and_seal_losses_follow_their_formulas(tiny_llama: str, mode: str) -> None:
+    class Check(L.Callback):
+        """Sets weights 0..2 on each batch, computes the mode's loss by hand, compares with the step's."""
+
+        def __init__(self) -> None:
+            self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            weights = torch.linspace(0.0, 2.0, len(batch["ft"]["index"]))
+            module.set_sample_weights(weights)
+            with torch.no_grad():
+                ft = module.sequence_losses(module._ft(batch))
+                align = module.sequence_losses(batch["align"]).mean()
+            rho = module.rho
+            self.expected = align + ft.mean() if mode == "mix" else rho * align + (1 - rho) * (weights * ft).mean()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.pairs.append((outputs["loss"] if isinstance(outputs, dict) else outputs, self.expected))
+
+    module, dm = make(tiny_llama, mode=mode, rho=0.3, rho_decay=0.1, lr=0.0, weight_decay=0.0)
+    check = Check()
+    fit(module, dm, [check], epochs=2)
+    for loss, expected in check.pairs:
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    if mode == "seal":
+        assert module.rho == pytest.approx(0.1)  # 0.3 - 2 epochs x 0.1
+
+
+def test_a_checkpoint_with_other_lora_settings_is_refused(tiny_llama: str, tmp_path: Path) -> None:
+    every = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    first, dm = make(tiny_llama)
+    fit(first, dm, [every], epochs=1, enable_checkpointing=True)
+    other, dm = make(tiny_llama, lora_r=2)
+    with pytest.raises(ValueError, match=r"LoRA weights do not fit model.init_args.*0 missing, 0 unexpected, 12 of another"):
+        fit(other, dm, epochs=2, ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))
+
+
+def test_scalar_init_follows_the_release_per_transform() -> None:
+    assert BayesianDataScheduler(transform="softmax").init == 0.1
+    assert BayesianDataScheduler(transform="sigmoid").init == BayesianDataScheduler(transform="identity").init == -1e-4
+    assert BayesianDataScheduler(transform="sigmoid", init=0.5).init == 0.5
