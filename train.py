@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or bool(os.environ.get("LITZOO_DEBUG"))
     argv = resolve_config_paths([arg for arg in argv if arg != "--verbose"])
+    program, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads ``argv`` only (not sys.argv twice)
     try:
         check_config_files(argv)
         cli_main(argv, exit_on_error=False)
@@ -103,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if verbose:
             raise
         _fail(explain_exception(err, argv))
+    finally:
+        sys.argv = program
 
 
 def _fail(message: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -154,3 +155,12 @@ def test_console_script_is_declared() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert project["project"]["scripts"]["litzoo"] == "train:main"
     assert sys.modules["train"].main is train.main
+
+
+def test_print_config_with_comments_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["fit", "--model", "ClassifierModule", "--print_config=comments"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert re.search(r"#.*\n\s+lr: ", out), "the model's lr has no documentation comment"
+    assert sys.argv == ["train.py"]  # main restores the argv it hid from LightningCLI
