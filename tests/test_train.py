@@ -133,7 +133,7 @@ def test_wandb_run_gets_config_and_metrics_in_its_own_folder(tmp_path: Path, mon
     cli = train.cli_main(args)
     run = cli.trainer.logger.experiment
     assert dict(run.config)["config"]["model"]["class_path"] == "lit_modules.smi_teacher.ClassifierModule"
-    assert "train/loss" in run.summary.keys()
+    assert "train/loss" in dict(run.summary)
     assert (tmp_path / "litzoo-test" / run.id / "config.yaml").is_file()
     assert not (tmp_path / "config.yaml").exists()
     run.finish()
