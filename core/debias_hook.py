@@ -9,13 +9,15 @@ Which rows of a text-encoder call are conditional is decided by their token ids 
 tokenised exactly as the pipeline does), not by a call counter: it works with and without classifier-free
 guidance, with SDXL's zeroed negative prompt (no unconditional encoder call) and with batched prompts.
 ``also_negate_uncond`` applies the opposite edit to the remaining (unconditional / negative) rows, as
-Concept Steerers does. SDXL: the bank's direction spans the concatenation of both encoders' widths;
+Concept Steerers does. Prompts that already name a gender (``keep_words``: "a photo of a female
+doctor") are left as asked: debiasing targets the unspecified case, and explicit requests must survive. SDXL: the bank's direction spans the concatenation of both encoders' widths;
 each encoder gets its slice, renormalised (the joint projection cannot be computed one encoder at a time).
 lambda = 0 returns the layer output untouched, so images are bit-identical.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +28,10 @@ from torch import Tensor, nn
 
 from core.bias_directions import DirectionBank, unit
 from core.text_layers import hidden_of, layer_module, with_hidden
+
+GENDERED_WORDS = ("male", "female", "man", "woman", "men", "women", "boy", "girl", "gentleman", "lady", "guy",
+                  "he", "she", "his", "her", "him", "father", "mother", "brother", "sister", "uncle", "aunt", "son",
+                  "daughter", "husband", "wife")
 
 
 @dataclass
@@ -74,10 +80,11 @@ class DebiasHook:
         strength: lambda (0 leaves everything bit-exact).
         mode: ``project`` (Eq. S1) or ``subtract`` (Eq. S2, Concept Steerers-style).
         also_negate_uncond: also apply the opposite edit to non-conditional rows (Concept Steerers).
+        keep_words: prompts containing any of these words are not edited (``()`` edits every prompt).
     """
 
     def __init__(self, sites: list[EncoderSite], bank: DirectionBank, strength: float = 1.0, mode: str = "project",
-                 also_negate_uncond: bool = False) -> None:
+                 also_negate_uncond: bool = False, keep_words: Sequence[str] = GENDERED_WORDS) -> None:
         if mode not in ("project", "subtract"):
             raise ValueError(f"mode={mode!r}: use project or subtract")
         width = sum(site.width for site in sites)
@@ -88,13 +95,16 @@ class DebiasHook:
             layer_module(site.encoder, site.layer, key="layer")
         self.sites, self.bank, self.strength, self.mode = sites, bank, strength, mode
         self.also_negate_uncond = also_negate_uncond
+        self._keep = re.compile(r"\b(" + "|".join(map(re.escape, keep_words)) + r")\b", re.IGNORECASE) \
+            if keep_words else None
 
     @contextmanager
     def __call__(self, prompts: str | Sequence[str], professions: Sequence[str | None] | None = None) -> Iterator[None]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         professions = list(professions) if professions is not None else [None] * len(prompts)
         found = [self.bank.direction(p, prompt) for p, prompt in zip(professions, prompts)]
-        directions = torch.stack([d for d, _ in found])  # (P, d_total)
+        edit = torch.tensor([self._keep is None or not self._keep.search(prompt) for prompt in prompts])
+        directions = torch.stack([d for d, _ in found]) * edit[:, None]  # (P, d_total); zero rows: left as asked
         scales = torch.tensor([s for _, s in found])
         handles, start = [], 0
         try:
@@ -133,4 +143,6 @@ class DebiasHook:
             return with_hidden(output, edited)
 
         return [site.encoder.register_forward_pre_hook(before, with_kwargs=True),
-                layer_module(site.encoder, site.layer, key="layer").register_forward_hook(after)]
+                # prepend: run before transformers' own output-recording hooks, so that hidden_states[L + 1]
+                # (SDXL's penultimate-layer conditioning) holds the edited state, not the original.
+                layer_module(site.encoder, site.layer, key="layer").register_forward_hook(after, prepend=True)]
