@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -51,13 +53,14 @@ from datamodules.sae_debias_images import BiasedCaptionsDataModule  # noqa: E402
 from lit_modules.sae_debias import SAEDebiasModule  # noqa: E402
 from lit_modules.sae_debias_plots import plot_grid, plot_sweeps  # noqa: E402
 from lit_modules.sae_debias_t2i import GlyphT2IModule  # noqa: E402
+from train import cli_main  # noqa: E402
 
 SPLITS = {"train": list(TRAIN_PROFESSIONS), "heldout": list(HELDOUT_PROFESSIONS)}
 PROFESSIONS = SPLITS["train"] + SPLITS["heldout"]
-FULL = {"t2i_steps": 1500, "sae_epochs": 30, "images": 24, "seeds": [0, 1, 2], "strengths": [0.5, 1.0, 1.5, 2.0],
-        "sample_steps": 10, "guidance": 3.0, "layer": 4, "k": 32, "expansion": 4, "classifier_steps": 600}
-QUICK = {**FULL, "t2i_steps": 60, "sae_epochs": 2, "images": 4, "seeds": [0], "strengths": [1.0],
-         "classifier_steps": 60}
+FULL = {"t2i_steps": 800, "sae_epochs": 10, "images": 16, "seeds": [0, 1, 2], "strengths": [0.5, 1.0, 2.0],
+        "layer": 4, "k": 32, "expansion": 4, "classifier_steps": 400}
+QUICK = {**FULL, "t2i_steps": 40, "sae_epochs": 1, "images": 2, "seeds": [0], "strengths": [1.0],
+         "classifier_steps": 40}
 
 
 def key(settings: dict) -> str:
@@ -69,21 +72,39 @@ def trainer(root: Path, **kw) -> L.Trainer:
                      enable_model_summary=False, default_root_dir=str(root), num_sanity_val_steps=0, **kw)
 
 
-def t2i_model(cache: Path, cfg: dict) -> tuple[GlyphT2IModule, BiasedCaptionsDataModule]:
-    settings = {"steps": cfg["t2i_steps"], "lr": 2e-3, "widths": [32, 64], "samples": 20000}
+T2I_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sae_debias" / "demo_t2i.yaml"
+PER_RUN = ("bank", "strength", "samples_per_profession")  # drawing options of the demo, not the model
+
+
+def t2i_settings(config: dict, steps: int) -> dict:
+    """What produces the T2I weights: the demo config's model and data arguments, steps and seed."""
+    model = {k: v for k, v in config["model"]["init_args"].items() if k not in PER_RUN}
+    return {"model": model, "data": config["data"]["init_args"], "steps": steps, "seed": config["seed_everything"]}
+
+
+def t2i_model(cache: Path, cfg: dict, reuse: Path | None) -> tuple[GlyphT2IModule, BiasedCaptionsDataModule]:
+    """The demo's T2I stage (configs/sae_debias/demo_t2i.yaml), trained once per settings hash; ``reuse``: a
+    demo run directory whose resolved config.yaml has the same settings (its UNet is copied, not retrained)."""
+    own = yaml.safe_load(T2I_CONFIG.read_text())
+    settings = t2i_settings(own, cfg["t2i_steps"])
     folder = cache / f"t2i-{key(settings)}"
-    module = GlyphT2IModule(lr=settings["lr"], block_out_channels=settings["widths"], sample_steps=cfg["sample_steps"],
-                            guidance=cfg["guidance"], layer=cfg["layer"])
-    data = BiasedCaptionsDataModule(samples=settings["samples"])
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    if weights.is_file():
-        data.setup("fit")
-        module.unet.load_state_dict(load_file(str(weights)))
-    else:
-        L.seed_everything(0)
-        trainer(folder, max_steps=settings["steps"], max_epochs=-1).fit(module, datamodule=data)
-        (folder / "settings.json").write_text(json.dumps(settings))
-    return module.cpu().eval(), data
+    if not weights.is_file() and reuse is not None:
+        run = yaml.safe_load((reuse / "config.yaml").read_text())
+        theirs = t2i_settings(run, run["trainer"]["max_steps"])
+        same = {part: {k: theirs[part][k] for k in settings[part]} for part in ("model", "data")}
+        if {**theirs, **same} != settings:
+            raise ValueError(f"--reuse-t2i {reuse}: its config differs from {T2I_CONFIG.name} x {cfg['t2i_steps']} steps")
+        shutil.copytree(reuse / "unet", folder / "unet")
+        (folder / "reused_from.txt").write_text(str(reuse))
+    if not weights.is_file():
+        cli_main(["fit", "--config", str(T2I_CONFIG), f"--trainer.max_steps={cfg['t2i_steps']}", "--trainer.logger=false",
+                  "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={folder}",
+                  "--model.init_args.samples_per_profession=2"])
+    (folder / "settings.json").write_text(json.dumps(settings, indent=1))
+    module = GlyphT2IModule(**settings["model"])
+    module.unet.load_state_dict(load_file(str(weights)))
+    return module.eval(), BiasedCaptionsDataModule(**settings["data"])
 
 
 def classifier(cache: Path, data: BiasedCaptionsDataModule, cfg: dict) -> Conv4:
@@ -154,12 +175,12 @@ def run_seed(seed: int, cfg: dict, cache: Path, t2i: GlyphT2IModule, clf: Conv4,
     prompts = {"prompt": [f"a photo of a {p}, male or female" for p in professions],
                "prompt_random": [f"a photo of a {['female', 'male'][gen.integers(2)]} {p}" for p in professions]}
     rows, sweep, images = {}, {"sae": [], "dense": []}, {}
-    images["none"] = generate(t2i.pipe, neutral, seeds, cfg["sample_steps"], cfg["guidance"])
+    images["none"] = generate(t2i.pipe, neutral, seeds, t2i.hparams.sample_steps, t2i.hparams.guidance)
     rows["none"] = evaluate(clf, images["none"], reference, n)
     for name in ("sae", "dense"):
         for strength in cfg["strengths"]:
             with t2i.debias_hook(banks[name], strength)(neutral, professions):
-                imgs = generate(t2i.pipe, neutral, seeds, cfg["sample_steps"], cfg["guidance"])
+                imgs = generate(t2i.pipe, neutral, seeds, t2i.hparams.sample_steps, t2i.hparams.guidance)
             result = evaluate(clf, imgs, reference, n)
             sweep[name].append({"strength": strength, **result})
             images[f"{name}@{strength:g}"] = imgs
@@ -167,10 +188,10 @@ def run_seed(seed: int, cfg: dict, cache: Path, t2i: GlyphT2IModule, clf: Conv4,
     for name in sweep:
         rows[name] = next(p for p in sweep[name] if p["strength"] == chosen[name])
     with t2i.debias_hook(banks["sae_random"], chosen["sae"])(neutral, professions):
-        rows["sae_random"] = evaluate(clf, generate(t2i.pipe, neutral, seeds, cfg["sample_steps"], cfg["guidance"]),
+        rows["sae_random"] = evaluate(clf, generate(t2i.pipe, neutral, seeds, t2i.hparams.sample_steps, t2i.hparams.guidance),
                                       reference, n)
     for name, texts in prompts.items():
-        images[name] = generate(t2i.pipe, texts, seeds, cfg["sample_steps"], cfg["guidance"])
+        images[name] = generate(t2i.pipe, texts, seeds, t2i.hparams.sample_steps, t2i.hparams.guidance)
         rows[name] = evaluate(clf, images[name], reference, n)
     texts, male = sae_data.probe_set()
     probe = GenderProbe(conditioning(sae_module.encoder, sae_module.tokenizer, texts), male)
@@ -197,10 +218,10 @@ def hook_overhead(t2i: GlyphT2IModule, bank: DirectionBank, cfg: dict, reps: int
         for _ in range(reps):
             start = time.perf_counter()
             if hook is None:
-                generate(t2i.pipe, prompts, seeds, cfg["sample_steps"], cfg["guidance"])
+                generate(t2i.pipe, prompts, seeds, t2i.hparams.sample_steps, t2i.hparams.guidance)
             else:
                 with hook(prompts):
-                    generate(t2i.pipe, prompts, seeds, cfg["sample_steps"], cfg["guidance"])
+                    generate(t2i.pipe, prompts, seeds, t2i.hparams.sample_steps, t2i.hparams.guidance)
             best = min(best, time.perf_counter() - start)
         return best
 
@@ -231,12 +252,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (one seed, few steps)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sae_debias.json"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reuse-t2i", type=Path, default=None,
+                        help="a demo_t2i run directory with the same settings: reuse its UNet instead of training")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else FULL
     cache = args.out.parent / "sae_debias_cache"
     start = time.perf_counter()
-    t2i, data = t2i_model(cache, cfg)
+    t2i, data = t2i_model(cache, cfg, args.reuse_t2i)
     clf = classifier(cache, data, cfg)
     ref_images, ref_prof, _ = data.clean_set(24, seed=2)
     feats = read_attributes(clf, (ref_images + 1) / 2)["features"]

@@ -90,6 +90,7 @@ class SAECorpusDataModule(L.LightningDataModule):
     Args:
         tokenizer: tokenizer name or folder (``minilm``: the packaged all-MiniLM-L6-v2; a pipeline's
             ``<folder>/tokenizer`` for the paper settings).
+        subfolder: the tokenizer's subfolder (``tokenizer`` in a diffusers pipeline folder).
         professions: training professions (their texts train the SAE and the direction bank).
         heldout: professions kept out of the SAE and the bank (measured through the global direction).
         max_length: padded token length (the diffusion pipeline's ``tokenizer.model_max_length``).
@@ -98,8 +99,8 @@ class SAECorpusDataModule(L.LightningDataModule):
         seed: seed of the split and of the shuffling.
     """
 
-    def __init__(self, tokenizer: str = "minilm", professions: list[str] = list(TRAIN_PROFESSIONS),
-                 heldout: list[str] = list(HELDOUT_PROFESSIONS), max_length: int = 16, val_fraction: float = 0.2,
+    def __init__(self, tokenizer: str = "minilm", subfolder: str = "", professions: tuple[str, ...] = TRAIN_PROFESSIONS,
+                 heldout: tuple[str, ...] = HELDOUT_PROFESSIONS, max_length: int = 16, val_fraction: float = 0.2,
                  batch_size: int = 64, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -112,7 +113,12 @@ class SAECorpusDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.hparams.tokenizer))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.hparams.tokenizer),
+                                                      subfolder=self.hparams.subfolder)
+        except OSError as err:
+            raise FileNotFoundError(f"data.init_args.tokenizer={self.hparams.tokenizer!r}: no local tokenizer "
+                                    f"({err.__class__.__name__}); point it at a local model folder") from err
         rows = gendered_corpus(self.professions)
         random.Random(self.hparams.seed).shuffle(rows)
         self.texts = [r[0] for r in rows]

@@ -73,7 +73,7 @@ class BiasedCaptionsDataModule(L.LightningDataModule):
         seed: seed of the glyphs and of the drawing.
     """
 
-    def __init__(self, professions: list[str] = list(MALE_SHARE), samples: int = 20000, explicit_fraction: float = 0.4,
+    def __init__(self, professions: tuple[str, ...] = tuple(MALE_SHARE), samples: int = 20000, explicit_fraction: float = 0.4,
                  uncond_fraction: float = 0.1, per_class: int = 48, size: int = 16, batch_size: int = 64,
                  seed: int = 0) -> None:
         super().__init__()

@@ -27,8 +27,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from core.bias_directions import DirectionBank, bank_from_deltas, class_mean_difference, keep_top_latents, \
-    random_latent_bank
+from core.bias_directions import (
+    DirectionBank,
+    bank_from_deltas,
+    class_mean_difference,
+    keep_top_latents,
+    random_latent_bank,
+)
 from core.debias_hook import DebiasHook, EncoderSite
 from core.gender_probe import GenderProbe, bias_of, conditioning
 from core.packaged_models import resolve_model

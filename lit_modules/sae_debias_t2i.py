@@ -44,8 +44,8 @@ class GlyphT2IModule(L.LightningModule):
     """
 
     def __init__(self, text_encoder: str = "minilm", max_length: int = 16, channels: int = 2, size: int = 16,
-                 block_out_channels: list[int] = [32, 64], lr: float = 1e-3, num_train_timesteps: int = 1000,
-                 sample_steps: int = 10, guidance: float = 3.0, bank: str = "", layer: int = 4, strength: float = 1.0,
+                 block_out_channels: tuple[int, ...] = (16, 32), lr: float = 1e-3, num_train_timesteps: int = 1000,
+                 sample_steps: int = 10, guidance: float = 5.0, bank: str = "", layer: int = 4, strength: float = 1.0,
                  samples_per_profession: int = 8) -> None:
         super().__init__()
         self.save_hyperparameters()

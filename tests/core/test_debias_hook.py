@@ -170,9 +170,8 @@ def test_saved_and_reloaded_bank_gives_the_same_edit(sd_pipe, tmp_path) -> None:
 
 def test_bad_input_gives_clear_errors(sd_pipe) -> None:
     sites = pipeline_sites(sd_pipe, 1)
-    with pytest.raises(ValueError, match="fallback"):
-        with DebiasHook(sites, bank_for(32, fallback=False), 1.0)("a photo of a cook"):
-            pass
+    with pytest.raises(ValueError, match="fallback"), DebiasHook(sites, bank_for(32, fallback=False), 1.0)("a cook"):
+        pass
     with pytest.raises(ValueError, match="layer=7: the text encoder has 3 layers"):
         DebiasHook(pipeline_sites(sd_pipe, 7), bank_for(32), 1.0)
     with pytest.raises(ValueError, match="text encoder"):

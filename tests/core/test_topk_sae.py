@@ -83,7 +83,7 @@ def test_reconstruction_beats_pca_at_equal_sparsity() -> None:
     sae = TopKSAE(16, expansion=8, k=3, auxk=16, dead_tokens=4096)
     sae.initialize(train)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3, eps=6.25e-10)
-    for step in range(600):
+    for _ in range(600):
         batch = train[torch.randint(0, len(train), (256,))]
         opt.zero_grad()
         sae.loss(batch)["loss"].backward()
