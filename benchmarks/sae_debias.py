@@ -57,8 +57,8 @@ from train import cli_main  # noqa: E402
 
 SPLITS = {"train": list(TRAIN_PROFESSIONS), "heldout": list(HELDOUT_PROFESSIONS)}
 PROFESSIONS = SPLITS["train"] + SPLITS["heldout"]
-FULL = {"t2i_steps": 800, "sae_epochs": 10, "images": 16, "seeds": [0, 1, 2], "strengths": [0.5, 1.0, 2.0],
-        "layer": 4, "k": 32, "expansion": 4, "classifier_steps": 400}
+FULL = {"t2i_steps": 800, "sae_epochs": 10, "images": 16, "seeds": [0, 1, 2], "strengths": [0.5, 1.0, 1.5],
+        "layer": 4, "k": 32, "expansion": 4, "sae_lr": 2e-3, "classifier_steps": 400}
 QUICK = {**FULL, "t2i_steps": 40, "sae_epochs": 1, "images": 2, "seeds": [0], "strengths": [1.0],
          "classifier_steps": 40}
 
@@ -123,7 +123,7 @@ def classifier(cache: Path, data: BiasedCaptionsDataModule, cfg: dict) -> Conv4:
 
 def train_sae(cache: Path, cfg: dict, seed: int) -> tuple[SAEDebiasModule, SAECorpusDataModule, dict]:
     L.seed_everything(seed)
-    module = SAEDebiasModule(layer=cfg["layer"], k=cfg["k"], expansion=cfg["expansion"])
+    module = SAEDebiasModule(layer=cfg["layer"], k=cfg["k"], expansion=cfg["expansion"], lr=cfg["sae_lr"])
     data = SAECorpusDataModule(seed=seed)
     trainer(cache / f"sae-seed{seed}", max_epochs=cfg["sae_epochs"]).fit(module, datamodule=data)
     return module, data, sae_quality(module, data, cfg["k"])

@@ -61,13 +61,15 @@ def pipeline_sites(pipe: Any, layers: int | Sequence[int]) -> list[EncoderSite]:
 
 def edit_hidden(hidden: Tensor, u: Tensor, weight: Tensor, scale: Tensor, origin: Tensor, strength: float,
                 mode: str) -> Tensor:
-    """Eq. (S1)/(S2) on (B, T, d) ``hidden``; ``u`` (B, d) unit rows, ``weight`` (B,) +1 edit / -1 negated / 0."""
+    """Eq. (S1)/(S2) on (B, T, d) ``hidden``; ``u`` (B, d) unit rows; ``weight`` (B,) or per token (B, T):
+    +1 edit, -1 the opposite edit, 0 untouched."""
+    w = (weight if weight.dim() == 2 else weight[:, None])[..., None]  # (B, T or 1, 1)
     if mode == "project":
         coeff = ((hidden - origin) * u[:, None]).sum(-1, keepdim=True)  # (B, T, 1)
-        return hidden - strength * weight[:, None, None] * coeff * u[:, None]
+        return hidden - strength * w * coeff * u[:, None]
     if mode == "subtract":
         sign = torch.sign(((hidden.mean(1) - origin) * u).sum(-1))  # (B,)
-        return hidden - strength * (weight * sign * scale)[:, None, None] * u[:, None]
+        return hidden - strength * w * (sign * scale)[:, None, None] * u[:, None]
     raise ValueError(f"mode={mode!r}: use project or subtract")
 
 
@@ -81,10 +83,17 @@ class DebiasHook:
         mode: ``project`` (Eq. S1) or ``subtract`` (Eq. S2, Concept Steerers-style).
         also_negate_uncond: also apply the opposite edit to non-conditional rows (Concept Steerers).
         keep_words: prompts containing any of these words are not edited (``()`` edits every prompt).
+        positions: ``all`` token positions (Concept Steerers; for CLIP the padding after EOS carries the
+            prompt too) or ``content`` (skip the tokenizer's special and padding tokens: BERT's [CLS]/[SEP]
+            carry outlier norms and no profession).
     """
 
     def __init__(self, sites: list[EncoderSite], bank: DirectionBank, strength: float = 1.0, mode: str = "project",
-                 also_negate_uncond: bool = False, keep_words: Sequence[str] = GENDERED_WORDS) -> None:
+                 also_negate_uncond: bool = False, keep_words: Sequence[str] = GENDERED_WORDS,
+                 positions: str = "all") -> None:
+        if positions not in ("all", "content"):
+            raise ValueError(f"positions={positions!r}: use all or content")
+        self.positions = positions
         if mode not in ("project", "subtract"):
             raise ValueError(f"mode={mode!r}: use project or subtract")
         width = sum(site.width for site in sites)
@@ -121,6 +130,7 @@ class DebiasHook:
         max_length = site.tokenizer.model_max_length
         cond_ids = site.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                                   return_tensors="pt").input_ids  # the pipeline's own tokenisation
+        special = torch.tensor(sorted(set(site.tokenizer.all_special_ids)))
         rows: dict[str, Tensor] = {}
 
         def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -131,8 +141,10 @@ class DebiasHook:
             # Non-conditional rows borrow the first prompt's direction for the opposite edit.
             pick = match + (1.0 - is_cond)[:, None] * torch.nn.functional.one_hot(
                 torch.zeros_like(is_cond, dtype=torch.long), len(prompts)).to(u.dtype)
-            rows.update(u=pick @ u.to(ids.device), scale=pick @ scales.to(u.dtype).to(ids.device),
-                        weight=is_cond + negated)
+            weight = (is_cond + negated)[:, None]
+            if self.positions == "content":
+                weight = weight * ~torch.isin(ids, special.to(ids.device))
+            rows.update(u=pick @ u.to(ids.device), scale=pick @ scales.to(u.dtype).to(ids.device), weight=weight)
 
         def after(module: nn.Module, args: tuple, output: Tensor | tuple) -> Tensor | tuple:
             if self.strength == 0 or not rows:

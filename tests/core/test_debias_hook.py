@@ -200,3 +200,14 @@ def test_bank_profession_lookup_and_direction_estimate() -> None:
     assert torch.allclose(bank.directions["nurse"], torch.tensor([-2.0, 0.0, 2.0]) / 8**0.5)
     assert bank.profession_of("Two Nurse Practitioners at work") == "nurse practitioner"
     assert bank.profession_of("a photo of a nurse") == "nurse" and bank.profession_of("a cook") is None
+
+
+def test_content_positions_leave_special_and_padding_tokens_alone() -> None:
+    _, tokenizer = clip_parts()
+    encoder = TupleEncoder()
+    ids = tokenizer(["a nurse"], padding="max_length", max_length=32, return_tensors="pt").input_ids
+    plain = encoder(input_ids=ids)[0]
+    with DebiasHook([EncoderSite(encoder, tokenizer, 1)], bank_for(8), 1.0, positions="content")(["a nurse"]):
+        edited = encoder(input_ids=ids)[0]
+    special = torch.isin(ids[0], torch.tensor(tokenizer.all_special_ids))
+    assert torch.equal(edited[0, special], plain[0, special]) and not torch.allclose(edited[0, ~special], plain[0, ~special])
