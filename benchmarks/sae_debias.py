@@ -273,6 +273,8 @@ def main() -> None:
         "heldout_bias_reduction": 1 - b["heldout"]["sae"]["mean"] / max(b["heldout"]["none"]["mean"], 1e-9),
         "heldout_bias_halved": b["heldout"]["sae"]["mean"] <= 0.5 * b["heldout"]["none"]["mean"],
         "heldout_acc_within_5pts": acc["heldout"]["sae"]["mean"] >= acc["heldout"]["none"]["mean"] - 0.05,
+        "sae_at_least_dense_heldout": b["heldout"]["sae"]["mean"] <= b["heldout"]["dense"]["mean"]
+        and acc["heldout"]["sae"]["mean"] >= acc["heldout"]["dense"]["mean"] - 0.05,
         "sae_beats_pca": result["sae"]["explained_variance"]["mean"] > result["sae"]["pca_explained_variance"]["mean"],
         "hook_overhead_le_1.05": result["hook_overhead"]["mean"] <= 1.05}
     result["settings"] = {**cfg, "quick": args.quick, "threads": args.threads, "train_professions": SPLITS["train"],

@@ -76,6 +76,7 @@ def test_padding_weight_excludes_tokens() -> None:
     assert torch.allclose(TopKSAE.loss(sae, padded, weight)["mse"], sae.loss(x)["mse"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reconstruction_beats_pca_at_equal_sparsity() -> None:
     torch.manual_seed(0)
     data = sparse_data()
