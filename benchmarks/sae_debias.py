@@ -1,6 +1,6 @@
 """SAE Debias end to end on the offline demo world: image-level gender bias before and after, 3 seeds.
 
-Stages (each cached under ``<out dir>/sae_debias_cache/<stage>-<hash of its settings>``):
+Stages (each cached under ``--cache``/<stage>-<hash of its settings>, default runs/sae_debias/benchmark_cache):
 1. the biased tiny text-to-image model (pixel-space UNet on the frozen all-MiniLM-L6-v2; trained once);
 2. the attribute classifier (Conv4 on clean glyph renders; trained once);
 3. per seed: the TopK SAE and its direction banks (SAE, dense mean difference, random latents), then
@@ -252,12 +252,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (one seed, few steps)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sae_debias.json"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=Path("runs/sae_debias/benchmark_cache"))
     parser.add_argument("--reuse-t2i", type=Path, default=None,
                         help="a demo_t2i run directory with the same settings: reuse its UNet instead of training")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else FULL
-    cache = args.out.parent / "sae_debias_cache"
+    cache = args.cache
     start = time.perf_counter()
     t2i, data = t2i_model(cache, cfg, args.reuse_t2i)
     clf = classifier(cache, data, cfg)
