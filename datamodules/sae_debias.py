@@ -72,7 +72,11 @@ def check_professions(professions: list[str], key: str) -> list[str]:
 
 
 class TextDataset(Dataset):
-    """Tokenised texts with integer labels (items are dicts of tensors)."""
+    """Tokenised texts with integer labels (items are dicts of tensors).
+
+    Args:
+        encoded: equally long tensors by name (``input_ids``, ``attention_mask``, ``gender``, ``profession``).
+    """
 
     def __init__(self, encoded: dict[str, torch.Tensor]) -> None:
         self.encoded = encoded

@@ -47,6 +47,15 @@ def compose(letters: np.ndarray, marks: np.ndarray, profession: Tensor, gender: 
 
 
 class CaptionImageSet(Dataset):
+    """Caption indices with their images and labels (items are dicts of tensors).
+
+    Args:
+        captions: (N,) indices into the datamodule's ``captions``.
+        images: (N, 2, H, W) images in [-1, 1].
+        gender: (N,) 1 male, 0 female (the mark drawn).
+        profession: (N,) profession indices (the letter drawn).
+    """
+
     def __init__(self, captions: Tensor, images: Tensor, gender: Tensor, profession: Tensor) -> None:
         self.captions, self.images, self.gender, self.profession = captions, images, gender, profession
 
