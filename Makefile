@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 DEMO := runs/smi/demo
 
-.PHONY: install demo demo-bds demo-surgery demo-refresh test lint clean-demo
+.PHONY: install demo demo-bds demo-surgery demo-refresh demo-sae_debias test lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -66,3 +66,10 @@ demo-surgery: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# SAE Debias: the TopK SAE on all-MiniLM-L6-v2 and its direction banks, then the biased tiny
+# text-to-image model, drawn with and without SAE Debias (runs/sae_debias/demo/t2i/samples.png).
+SAE_BANK := runs/sae_debias/demo/sae/banks/sae.safetensors
+demo-sae_debias: $(STAMP)
+	test -f $(SAE_BANK) || OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/sae_debias/demo.yaml
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/sae_debias/demo_t2i.yaml --model.init_args.bank=$(SAE_BANK)
