@@ -72,13 +72,15 @@ def split_sentences(source: str) -> dict[str, list[str]]:
 
 
 def load_tokenizer(name: str) -> Any:
+    """The LM's tokenizer by alias, folder or hub id; a failure names ``data.init_args.tokenizer``."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(resolve_model(name))
     except OSError as err:
-        raise FileNotFoundError(f"tokenizer {name!r} cannot be loaded (build smollm2 once with: python -c "
-                                f"'from datamodules.sources import smollm2_path; smollm2_path()'): {err}") from err
+        hint = (" (build it once: python -c 'from datamodules.sources import smollm2_path; smollm2_path()')"
+                if name == "smollm2" else " (paper: a local folder of the prior LM, e.g. vicuna-7b-v1.5)")
+        raise FileNotFoundError(f"data.init_args.tokenizer: cannot load {name!r}{hint}: {err}") from err
 
 
 def collate_tokens(rows: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:

@@ -137,3 +137,21 @@ def test_vocabulary_mask_keeps_decoding_inside_the_allowed_ids() -> None:
     masked = map_beam_decode(CausalLMPrior(lm, mask_ids=torch.arange(1, 64, 4).repeat(3) + torch.arange(3).repeat_interleave(16)), *args, beam_width=3)[0]
     assert (free % 4 != 0).any()  # at -3 dB the unmasked decoder leaves the allowed ids
     assert (masked % 4 == 0).all()
+
+
+def test_missing_paper_data_and_tokenizer_name_their_keys(tmp_path: Path) -> None:
+    from datamodules.llm_sc import LLMSCDataModule, split_sentences
+
+    with pytest.raises(FileNotFoundError, match="data.init_args.source"):
+        split_sentences(str(tmp_path / "europarl"))
+    with pytest.raises(FileNotFoundError, match="data.init_args.tokenizer: cannot load"):
+        LLMSCDataModule(tokenizer=str(tmp_path / "no_model")).setup("test")
+
+
+def test_document_split_is_disjoint_and_sentences_are_prose() -> None:
+    from datamodules.llm_sc import split_sentences
+
+    splits = split_sentences("pydoc")
+    assert min(len(v) for v in splits.values()) > 100
+    assert not set(splits["test"]) & (set(splits["train"]) | set(splits["val"]))
+    assert all(s[0].isupper() and s.endswith(".") and "::" not in s for v in splits.values() for s in v)
