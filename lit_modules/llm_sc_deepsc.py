@@ -11,7 +11,7 @@ Equations -> code:
     L_CE = -sum_l log p(w_l | w_<l, y)          -> ``training_step`` (padding masked)
     transmitter, channel, receiver                -> ``core.deepsc.DeepSC``
 Validation and test decode greedily at every SNR of ``eval_snr_db`` and log BLEU-1/4
-(``{split}/bleu1_snr<dB>``); the test curve is drawn to ``deepsc_curves.png`` in the run directory.
+(``{split}/bleu1_snr<dB>``); the curves are drawn to ``deepsc_{val,test}_curves.png`` in the run directory.
 """
 
 from __future__ import annotations
@@ -115,16 +115,19 @@ class DeepSCModule(L.LightningModule):
         return curves
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
+        self._draw("val", self._log_epoch("val"))
 
     def on_test_epoch_end(self) -> None:
-        curves = self._log_epoch("test")
-        if self.global_rank == 0:
-            out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            png = save_snr_curves(curves, out / "deepsc_curves.png", f"DeepSC, {self.hparams.channel}", ())
-            for logger in self.loggers:
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key="test/deepsc_curves", images=[str(png)])
+        self._draw("test", self._log_epoch("test"))
+
+    def _draw(self, split: str, curves: dict[str, dict[str, dict[float, float]]]) -> None:
+        if self.global_rank != 0 or self.trainer.sanity_checking:
+            return
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        png = save_snr_curves(curves, out / f"deepsc_{split}_curves.png", f"DeepSC {split}, {self.hparams.channel}", ())
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):  # W&B
+                logger.log_image(key=f"{split}/deepsc_curves", images=[str(png)])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams

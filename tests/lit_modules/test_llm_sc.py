@@ -91,7 +91,7 @@ def test_deepsc_trains_and_its_bleu_rises_with_snr(tmp_path: Path) -> None:
     trainer.fit(module, dm)
     low, high = (trainer.test(module, dm, verbose=False)[0][f"test/bleu1_snr{s}"] for s in ("-10", "20"))
     assert high > low + 0.2 and high > 0.5, (low, high)
-    assert list(tmp_path.rglob("deepsc_curves.png"))
+    assert list(tmp_path.rglob("deepsc_test_curves.png"))
 
 
 def test_bad_input_names_the_key(tiny_llama: str, tmp_path: Path, run_overrides: list[str]) -> None:
