@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 DEMO := runs/smi/demo
 
-.PHONY: install demo demo-bds demo-surgery demo-refresh demo-sae_debias test lint clean-demo
+.PHONY: install demo demo-bds demo-surgery demo-refresh demo-sae_debias demo-llm_sc test lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -73,3 +73,10 @@ SAE_BANK := runs/sae_debias/demo/sae/banks/sae.safetensors
 demo-sae_debias: $(STAMP)
 	test -f $(SAE_BANK) || OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/sae_debias/demo.yaml
 	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/sae_debias/demo_t2i.yaml --model.init_args.bank=$(SAE_BANK)
+
+# LLM-SC on SmolLM2-135M-Instruct (8-QAM, Rayleigh, beam 10 vs greedy vs uncoded), then the DeepSC baseline
+# trained on the CPython docs. The first line converts the packaged GGUF once (~20 s).
+demo-llm_sc: $(STAMP)
+	$(PY) -c "from datamodules.sources import smollm2_path; smollm2_path()"
+	OMP_NUM_THREADS=1 $(PY) train.py test --config configs/llm_sc/demo.yaml
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/llm_sc/demo_deepsc.yaml
