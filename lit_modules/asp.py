@@ -1,0 +1,406 @@
+"""ASP: few-shot class-incremental learning with attention-aware self-adaptive prompts.
+
+Chenxi Liu, Zhenyi Wang, Tianyi Xiong, Ruibo Chen, Yihan Wu, Junfeng Guo, Heng Huang, "Few-Shot
+Class-Incremental Learning with Attention-Aware Self-Adaptive Prompt", ECCV 2024 (arXiv 2403.09857);
+release DawnLIU35/FSCIL-ASP.
+
+A frozen ViT gets prompt tokens at every block (VPT-Deep; the prompt outputs are dropped after each
+block): task-invariant prompts (TIP, learned vectors, zero init) and self-adaptive task-specific prompts
+(TSP) that a prompt encoder produces per image from the [CLS] feature of the frozen, unprompted backbone
+and the layer's detached first TIP token, as a Gaussian sample. The TSP in use is
+``avg_alpha * p_avg + (1 - avg_alpha) * sample``, with ``p_avg`` the mean TSP over the data. Only the
+base session trains (CE with a cosine classifier + anchor loss + information-bottleneck KL); then class
+prototypes (mean features) replace the classifier rows. Each incremental session updates ``p_avg`` by
+EMA on its few shots and appends the new classes' prototypes; prediction is the nearest prototype by
+cosine. ``prompts`` selects the baselines in the same code: ``vpt`` (TIP only), ``l2p`` (a prompt pool
+with key-query matching instead of TIP/TSP), ``none`` (SimpleCIL: prototypes of the frozen backbone).
+
+Equations (the paper's names; the release is the reference, see docs/methods/asp.md):
+- TSP Gaussian, sigma = softplus(f_sigma(u) - 5), u = [TIP_l[0]; f(x)]   -> ``PromptEncoder.forward``
+- TSP_l(x) = alpha p_avg,l + (1 - alpha)(mu + sigma * eps)              -> ``encode`` (# TSP)
+- L = L_CE + anchor_lambda L_anchor + kl_weight KL                      -> ``_base_loss`` (# Eq. L)
+- anchor a_c = argmax_i cos(h(x_i), mean_c h)                           -> ``_refresh_anchors``
+- p_avg <- beta p_avg + (1 - beta) mean_x mu(x)  (incremental sessions) -> ``_start_session`` (# EMA)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from core.fscil import class_means, fscil_metrics, save_session_curves
+from core.prompted_vit import prompted_features, require_prompt_vit
+from core.rng import keyed_generator
+from core.tensor_augment import random_crop_flip
+from core.timm_models import create_model
+from lit_modules.asp_parts import (CosineClassifier, PromptEncoder, PromptPool, anchor_indices, anchor_loss,
+                                   anchor_loss_per_copy, gaussian_kl)
+
+
+class ASPModule(L.LightningModule):
+    """ASP and its baselines on a ``core.protocols.TaskStream`` of FSCIL sessions (one task per session).
+
+    Args:
+        backbone: timm ViT name (the paper: ``vit_base_patch16_224``).
+        pretrained: load timm's pretrained weights (from the local Hugging Face cache when offline).
+        backbone_checkpoint: local weights for the backbone (safetensors from ``configs/asp/demo_pretrain.yaml``).
+        backbone_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ``embed_dim``...).
+        num_classes: classes of the whole stream (base + all sessions).
+        prompts: ``asp`` (TIP + TSP), ``vpt`` (TIP only), ``l2p`` (prompt pool), ``none`` (SimpleCIL).
+        tip_tokens: task-invariant prompt tokens per block (release: half of ``prompt_token_num``).
+        tsp_tokens: task-specific tokens per block (``asp``), or tokens per pool prompt (``l2p``).
+        tip_init: ``zero`` (release) or ``random`` (N(0, 1)).
+        encoder_hidden: width of the prompt encoder's linear maps.
+        avg_alpha: weight of ``p_avg`` in the TSP in use.
+        perturb_var: scale of the TSP noise in training (0 at evaluation).
+        ema_beta: EMA factor of ``p_avg`` in incremental sessions.
+        anchor_lambda: weight of the anchor loss (0: the ``no_anchor`` ablation).
+        kl_weight: weight of the information-bottleneck KL (0: the ``no_kl`` ablation).
+        anchor_copies: ``per_class`` forwards each base anchor once per step (no grad) and weights its term
+            by its batch count; ``per_sample`` is the release: one anchor copy per sample in the forward
+            (the batch doubles, the KL also covers the copies).
+        pool_size: prompts in the ``l2p`` pool.
+        pool_top_k: pool prompts chosen per image.
+        pool_lambda: weight of the ``l2p`` key pull loss.
+        incremental_training: take gradient steps in incremental sessions (the release's ``fs_epoch`` > 0
+            path: CE on the session's classes only); off in the paper.
+        lr: SGD learning rate (cosine to 0 over the base session).
+        incremental_lr: learning rate of the incremental sessions' steps (``incremental_training``; release 0.001).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        augment_padding: train-time random shift by up to this many pixels (0: none).
+        eval_batch_size: batch size of the passes over a session's training data (anchors, p_avg, prototypes).
+        plot: draw the accuracy-per-session curve (PNG in the run directory, W&B image) after the last session.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_base_patch16_224",
+        pretrained: bool = False,
+        backbone_checkpoint: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 100,
+        prompts: Literal["asp", "vpt", "l2p", "none"] = "asp",
+        tip_tokens: int = 3,
+        tsp_tokens: int = 3,
+        tip_init: Literal["zero", "random"] = "zero",
+        encoder_hidden: int = 256,
+        avg_alpha: float = 0.8,
+        perturb_var: float = 1.0,
+        ema_beta: float = 0.99,
+        anchor_lambda: float = 0.1,
+        kl_weight: float = 0.001,
+        anchor_copies: Literal["per_class", "per_sample"] = "per_class",
+        pool_size: int = 10,
+        pool_top_k: int = 2,
+        pool_lambda: float = 0.1,
+        incremental_training: bool = False,
+        lr: float = 0.01,
+        incremental_lr: float = 0.001,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        augment_padding: int = 0,
+        eval_batch_size: int = 256,
+        plot: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        kwargs = {**(backbone_kwargs or {}), "num_classes": 0}
+        vit = create_model(backbone, pretrained, backbone_checkpoint, kwargs, key="model.init_args.backbone",
+                           checkpoint_key="model.init_args.backbone_checkpoint")
+        self.vit = require_prompt_vit(vit, "model.init_args.backbone").requires_grad_(False).eval()
+        depth, dim = len(self.vit.blocks), self.vit.embed_dim
+        self.tip = None
+        if prompts in ("asp", "vpt"):
+            init = torch.zeros if tip_init == "zero" else torch.randn
+            self.tip = nn.Parameter(init(depth, tip_tokens, dim))
+        self.prompt_encoder = PromptEncoder(dim, tsp_tokens, encoder_hidden) if prompts == "asp" else None
+        self.pool = PromptPool(pool_size, depth, tsp_tokens, dim, pool_top_k) if prompts == "l2p" else None
+        self.classifier = CosineClassifier(dim, num_classes)
+        self.register_buffer("p_avg", torch.zeros(depth, tsp_tokens, dim))
+        self.register_buffer("session", torch.tensor(-1))  # last finished session (-1: base still training)
+        self._anchor_images: Tensor | None = None
+        self._anchor_cls: Tensor | None = None
+        self.history: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ forward
+    def train(self, mode: bool = True) -> ASPModule:
+        super().train(mode)
+        self.vit.eval()  # frozen: no dropout, also while the prompts train
+        return self
+
+    @torch.no_grad()
+    def frozen_features(self, images: Tensor) -> Tensor:
+        """[CLS] of the unprompted frozen backbone: f(x) of the prompt encoder, the SimpleCIL feature."""
+        return prompted_features(self.vit, images, None)
+
+    def encode(self, images: Tensor, perturb: float = 0.0, cls: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Prompted features (B, D) and side outputs (``mu``, ``sigma`` for ASP, ``pull`` for L2P)."""
+        hp = self.hparams
+        if hp.prompts == "none":
+            return self.frozen_features(images), {}
+        batch = images.shape[0]
+        parts, extra = [], {}
+        if self.tip is not None:
+            parts.append(self.tip.expand(batch, -1, -1, -1))
+        if hp.prompts in ("asp", "l2p") and cls is None:
+            cls = self.frozen_features(images)
+        if self.prompt_encoder is not None:
+            mu, sigma = self.prompt_encoder(self.tip[:, 0].detach(), cls)
+            sample = mu + sigma * torch.randn_like(mu) * perturb if perturb else mu
+            parts.append(hp.avg_alpha * self.p_avg + (1 - hp.avg_alpha) * sample)  # TSP
+            extra = {"mu": mu, "sigma": sigma}
+        elif self.pool is not None:
+            pooled, pull = self.pool(cls)
+            parts.append(pooled)
+            extra = {"pull": pull}
+        return prompted_features(self.vit, images, torch.cat(parts, dim=2).unbind(1)), extra
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Cosine logits over all stream classes at evaluation (no noise); callers slice the seen ones."""
+        return self.classifier(self.encode(images)[0])
+
+    # ------------------------------------------------------------------ the stream
+    def _stream(self) -> Any:
+        return self.trainer.datamodule
+
+    def _task(self) -> int:
+        return self._stream().task_of_epoch(self.current_epoch)
+
+    def _seen(self, session: int) -> int:
+        return sum(len(c) for c in self.task_classes[: session + 1])
+
+    def _trains_prompts(self) -> bool:
+        return self.hparams.prompts != "none"
+
+    def setup(self, stage: str) -> None:
+        stream = self._stream()
+        missing = [m for m in ("task_of_epoch", "is_task_end", "task_classes") if not hasattr(stream, m)]
+        if missing:
+            raise TypeError(f"data: ASPModule needs a TaskStream datamodule; {type(stream).__name__} lacks {missing}")
+        self.task_classes = stream.task_classes()
+        total = sum(len(c) for c in self.task_classes)
+        if total != self.hparams.num_classes:
+            raise ValueError(f"model.init_args.num_classes={self.hparams.num_classes} but the stream has {total} "
+                             f"classes; set it to {total}")
+        if not self.history:
+            sessions = len(self.task_classes)
+            self.history = {"correct": torch.zeros(sessions, sessions), "count": torch.zeros(sessions)}
+
+    def _loader(self, data: Dataset) -> DataLoader:
+        # the whole session on every rank (no distributed sampler): all ranks compute identical prototypes
+        return DataLoader(data, batch_size=self.hparams.eval_batch_size, shuffle=False)
+
+    @torch.no_grad()
+    def _pass(self, data: Dataset, with_features: bool = True) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """Evaluation-mode features (B, D) and labels over ``data``, and the mean mu-prompt (ASP only)."""
+        features, labels, mu_sum, n = [], [], None, 0
+        for batch in self._loader(data):
+            images, label = batch["image"].to(self.device), batch["label"].to(self.device)
+            cls = self.frozen_features(images) if self.hparams.prompts in ("asp", "l2p") else None
+            if self.prompt_encoder is not None:
+                mu = self.prompt_encoder(self.tip[:, 0], cls)[0].sum(0)
+                mu_sum = mu if mu_sum is None else mu_sum + mu
+            if with_features:
+                features.append(self.encode(images, cls=cls)[0])
+            labels.append(label)
+            n += len(label)
+        mean_mu = None if mu_sum is None else mu_sum / n
+        return (torch.cat(features) if with_features else None), torch.cat(labels), mean_mu
+
+    def _session_data(self) -> Dataset:
+        return self.trainer.train_dataloader.dataset
+
+    def _write_prototypes(self, session: int, features: Tensor, labels: Tensor) -> None:
+        classes = torch.tensor(self.task_classes[session], device=self.device)
+        self.classifier.weight.data[classes] = class_means(features, labels, classes)
+
+    # ------------------------------------------------------------------ sessions
+    @torch.no_grad()
+    def _refresh_anchors(self) -> None:
+        """Anchor images (closest to their class mean, current model) and, for ASP, p_avg reset to the mean mu."""
+        data = self._session_data()
+        features, labels, mean_mu = self._pass(data)
+        base = torch.tensor(self.task_classes[0], device=self.device)
+        index = anchor_indices(features, labels, base, class_means(features, labels, base))
+        self._anchor_images = torch.stack([data[i]["image"] for i in index.tolist()]).to(self.device)
+        self._anchor_cls = self.frozen_features(self._anchor_images)
+        if mean_mu is not None:
+            self.p_avg.copy_(mean_mu)
+
+    @torch.no_grad()
+    def _finish_base(self) -> None:
+        """After the last base epoch: final p_avg, then base prototypes replace the classifier rows."""
+        if int(self.session) >= 0:
+            return
+        data = self._session_data()
+        if self.prompt_encoder is not None:
+            self.p_avg.copy_(self._pass(data, with_features=False)[2])
+        features, labels, _ = self._pass(data)
+        self._write_prototypes(0, features, labels)
+        self.session.fill_(0)
+
+    @torch.no_grad()
+    def _start_session(self, session: int) -> None:
+        """Incremental session: EMA of p_avg on its few shots, then the new classes' prototypes."""
+        data = self._session_data()
+        if self.prompt_encoder is not None:
+            beta = self.hparams.ema_beta
+            self.p_avg.mul_(beta).add_((1 - beta) * self._pass(data, with_features=False)[2])  # EMA
+        features, labels, _ = self._pass(data)
+        self._write_prototypes(session, features, labels)
+        self.session.fill_(session)
+
+    def on_train_epoch_start(self) -> None:
+        task = self._task()
+        if task == 0:
+            if self._trains_prompts():
+                self._refresh_anchors()
+            return
+        self._finish_base()  # in case no validation ran at the end of the base session
+        if int(self.session) < task:
+            self._start_session(task)
+
+    # ------------------------------------------------------------------ training
+    def _base_loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        hp, batch = self.hparams, images.shape[0]
+        noise = hp.perturb_var
+        anchor_term = images.new_zeros(())
+        if hp.anchor_lambda > 0 and hp.anchor_copies == "per_sample":
+            cls = None
+            if self.hparams.prompts in ("asp", "l2p"):
+                cls = torch.cat([self.frozen_features(images), self._anchor_cls[labels]])
+            features, extra = self.encode(torch.cat([images, self._anchor_images[labels]]), noise, cls)
+            features, copies = features[:batch], features[batch:]
+            anchor_term = anchor_loss_per_copy(features, labels, copies)
+        else:
+            features, extra = self.encode(images, noise)
+            if hp.anchor_lambda > 0:
+                with torch.no_grad():
+                    anchors = self.encode(self._anchor_images, noise, self._anchor_cls)[0]
+                anchor_term = anchor_loss(features, anchors[labels])
+        ce = F.cross_entropy(self.classifier(features)[:, : self._seen(0)], labels)
+        kl = gaussian_kl(extra["mu"], extra["sigma"]) if "mu" in extra else images.new_zeros(())
+        pull = extra.get("pull", images.new_zeros(()))
+        loss = ce + hp.anchor_lambda * anchor_term + hp.kl_weight * kl + hp.pool_lambda * pull  # Eq. L
+        self.log_dict({"train/loss": loss, "train/ce": ce, "train/anchor": anchor_term, "train/kl": kl,
+                       "train/pull": pull}, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        task = self._task()
+        if (task == 0 and not self._trains_prompts()) or (task > 0 and not self.hparams.incremental_training):
+            return None  # SimpleCIL and the incremental sessions of the paper take no gradient steps
+        images, labels = batch["image"], batch["label"]
+        if self.hparams.augment_padding:
+            generator = keyed_generator(self.global_step, 23)
+            images = random_crop_flip(images, self.hparams.augment_padding, False, generator)
+        if task == 0:
+            return self._base_loss(images, labels)
+        low, high = self._seen(task - 1), self._seen(task)
+        logits = self.classifier(self.encode(images, self.hparams.perturb_var)[0])[:, low:high]
+        loss = F.cross_entropy(logits, labels - low)  # old classes masked, as the release's fs path
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluated_session(self) -> int:
+        if self.trainer.state.fn == "fit":
+            return self._task()
+        return max(int(self.session), 0)
+
+    def on_validation_epoch_start(self) -> None:
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        if fitting and self._task() == 0 and self._stream().is_task_end(self.current_epoch):
+            self._finish_base()
+        sessions = len(self.task_classes)
+        self._correct = torch.zeros(sessions, device=self.device)
+        self._count = torch.zeros(sessions, device=self.device)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        session = self._evaluated_session()
+        if dataloader_idx > session:
+            return  # classes not seen yet
+        logits = self(batch["image"])[:, : self._seen(session)]
+        self._correct[dataloader_idx] += (logits.argmax(1) == batch["label"]).sum()
+        self._count[dataloader_idx] += len(batch["label"])
+
+    def _reduced(self) -> tuple[Tensor, Tensor]:
+        if self.trainer.world_size > 1:
+            return self.all_gather(self._correct).sum(0), self.all_gather(self._count).sum(0)
+        return self._correct, self._count
+
+    def on_validation_epoch_end(self) -> None:
+        correct, count = self._reduced()
+        session = self._evaluated_session()
+        self.log("val/acc", correct[: session + 1].sum() / count[: session + 1].sum().clamp_min(1))
+        finished = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        if not (finished and self._stream().is_task_end(self.current_epoch) and int(self.session) == session):
+            return
+        self.history["correct"][session] = correct.cpu()
+        self.history["count"] = count.cpu()
+        rows = self.history["correct"][: session + 1, : session + 1]
+        metrics = fscil_metrics(rows, self.history["count"][: session + 1])
+        self.log(f"val/acc_session_{session}", metrics["sessions"][-1])
+        if session == len(self.task_classes) - 1:
+            self.log_dict({"val/avg_acc": metrics["avg"], "val/pd": metrics["pd"], "val/hm": metrics["hm"]})
+            self._draw(metrics["sessions"])
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        correct, count = self._reduced()
+        seen = self._evaluated_session() + 1
+        self.log("test/acc", correct[:seen].sum() / count[:seen].sum().clamp_min(1))
+        if seen > 1:
+            old, new = correct[0] / count[0], correct[1:seen].sum() / count[1:seen].sum()
+            self.log_dict({"test/acc_old": old, "test/acc_new": new, "test/hm": 2 * old * new / (old + new + 1e-12)})
+
+    def session_metrics(self) -> dict[str, Any]:
+        """FSCIL metrics of the finished sessions (``core.fscil.fscil_metrics``)."""
+        done = int(self.session) + 1
+        return fscil_metrics(self.history["correct"][:done, :done], self.history["count"][:done])
+
+    def _draw(self, accuracies: list[float]) -> None:
+        if not self.hparams.plot:
+            return
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if self.global_rank != 0:
+            return
+        png = save_session_curves({self.hparams.prompts: accuracies}, out / "acc_per_session.png",
+                                  f"FSCIL accuracy per session ({self.hparams.prompts})")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):  # W&B
+                logger.log_image(key="val/acc_per_session", images=[str(png)])
+
+    # ------------------------------------------------------------------ optimisation and checkpoints
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        stream = self._stream()
+        base_epochs = next((e for e in range(10_000) if stream.task_of_epoch(e) > 0), 1)
+
+        def cosine(epoch: int) -> float:  # cosine to 0 over the base session, the release's schedule
+            if epoch >= base_epochs:
+                return hp.incremental_lr / hp.lr
+            return 0.5 * (1 + math.cos(math.pi * epoch / base_epochs))
+
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, cosine)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["asp_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = checkpoint["asp_history"]

@@ -1,0 +1,125 @@
+"""The trainable parts of ASP (Liu et al., ECCV 2024) and of its prompt baselines, as plain nn.Modules.
+
+``PromptEncoder`` is the release's ``PROMPT_Encoder``: one rank-``hidden`` linear map for the mean and one
+for the scale of the task-specific prompts, shared by all layers and told the layer by the layer's first
+(detached) task-invariant prompt token. ``PromptPool`` is the L2P-style pool with key-query matching used
+by the ``l2p`` baseline. ``CosineClassifier`` is the release's ``CosineLinear`` (one proxy, learned scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class PromptEncoder(nn.Module):
+    """Self-adaptive task-specific prompts: a Gaussian per (image, layer) over ``tokens`` x ``dim`` entries.
+
+    Args:
+        dim: token width D of the backbone.
+        tokens: task-specific prompt tokens per layer (m).
+        hidden: width of the two-layer linear maps (the release's 256; no activation in between).
+        sigma_shift: sigma = softplus(f_sigma(u) - sigma_shift); 5 makes sigma start near 0.007.
+    """
+
+    def __init__(self, dim: int, tokens: int, hidden: int = 256, sigma_shift: float = 5.0) -> None:
+        super().__init__()
+        self.tokens, self.dim, self.sigma_shift = tokens, dim, sigma_shift
+        self.f_mu = nn.Sequential(nn.Linear(2 * dim, hidden), nn.Linear(hidden, tokens * dim))
+        self.f_sigma = nn.Sequential(nn.Linear(2 * dim, hidden), nn.Linear(hidden, tokens * dim))
+
+    def forward(self, layer_tokens: Tensor, feature: Tensor) -> tuple[Tensor, Tensor]:
+        """``layer_tokens`` (L, D) (first TIP token of each layer), ``feature`` (B, D) frozen [CLS].
+
+        Returns mu and sigma, each (B, L, m, D).
+        """
+        batch, layers = feature.shape[0], layer_tokens.shape[0]
+        u = torch.cat([layer_tokens.expand(batch, layers, -1), feature[:, None].expand(-1, layers, -1)], dim=-1)
+        shape = (batch, layers, self.tokens, self.dim)
+        mu = self.f_mu(u).view(shape)
+        sigma = F.softplus(self.f_sigma(u) - self.sigma_shift).view(shape)
+        return mu, sigma
+
+
+def gaussian_kl(mu: Tensor, sigma: Tensor) -> Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) summed over each (image, layer)'s prompt entries, averaged over pairs.
+
+    The release's ``0.5 * sum(mu^2 + sigma^2 - 2 log sigma - 1) / (N * L)`` for mu, sigma (N, L, m, D).
+    """
+    pairs = mu.shape[0] * mu.shape[1]
+    return 0.5 * (mu.square() + sigma.square() - 2 * sigma.log() - 1).sum() / pairs
+
+
+class PromptPool(nn.Module):
+    """L2P-style prompt pool: the ``top_k`` prompts whose keys best match the frozen [CLS] query.
+
+    Args:
+        pool_size: prompts in the pool (L2P: 10).
+        layers: blocks that receive prompts (deep, like ASP's TIP/TSP, for a like-for-like comparison).
+        length: tokens per prompt per layer.
+        dim: token width D.
+        top_k: prompts chosen per image; their tokens are concatenated.
+    """
+
+    def __init__(self, pool_size: int, layers: int, length: int, dim: int, top_k: int) -> None:
+        super().__init__()
+        if not 1 <= top_k <= pool_size:
+            raise ValueError(f"model.init_args.pool_top_k={top_k} must lie in 1..pool_size={pool_size}")
+        self.top_k = top_k
+        self.keys = nn.Parameter(torch.empty(pool_size, dim).uniform_(-1, 1))
+        self.prompts = nn.Parameter(torch.empty(pool_size, layers, length, dim).uniform_(-1, 1))
+
+    def forward(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        """Prompts (B, L, top_k * length, D) for ``query`` (B, D), and the key pull loss (1 - cos, mean)."""
+        similarity = F.normalize(query, dim=-1) @ F.normalize(self.keys, dim=-1).T  # (B, P)
+        chosen = similarity.topk(self.top_k, dim=1).indices  # (B, k)
+        prompts = self.prompts[chosen]  # (B, k, L, length, D)
+        batch, k, layers, length, dim = prompts.shape
+        prompts = prompts.permute(0, 2, 1, 3, 4).reshape(batch, layers, k * length, dim)
+        pull = (1 - similarity.gather(1, chosen)).mean()
+        return prompts, pull
+
+
+class CosineClassifier(nn.Module):
+    """``scale * cos(feature, w_c)`` with a learned scalar scale (init 1), rows writable as prototypes.
+
+    Args:
+        dim: feature width.
+        num_classes: rows (all classes of the stream; only seen ones are scored).
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(dim)
+        self.weight = nn.Parameter(torch.empty(num_classes, dim).uniform_(-bound, bound))
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.scale * F.normalize(features, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
+def anchor_indices(features: Tensor, labels: Tensor, classes: Tensor, means: Tensor) -> Tensor:
+    """Per class in ``classes`` the index of the example whose feature has the largest cosine to its class mean."""
+    cosine = F.normalize(features, dim=-1) @ F.normalize(means, dim=-1).T  # (N, K)
+    cosine = cosine.masked_fill(labels[:, None] != classes[None, :], float("-inf"))
+    return cosine.argmax(0)
+
+
+def anchor_loss(features: Tensor, anchors: Tensor) -> Tensor:
+    """Mean over the batch of ``1 - cos(h_i, stopgrad(anchor of y_i))``; ``anchors`` (B, D) are row-aligned.
+
+    Averaging over samples weights each class's mean term by its count in the batch, the release's
+    weighting (one anchor copy per sample there).
+    """
+    return (1 - F.cosine_similarity(features, anchors.detach(), dim=-1)).mean()
+
+
+def anchor_loss_per_copy(features: Tensor, labels: Tensor, anchor_copies: Tensor) -> Tensor:
+    """The release's form: copy ``j`` is the anchor of ``labels[j]`` forwarded with its own noise, and the
+    loss averages over copies ``j`` the mean ``1 - cos(h_i, copy_j)`` over the samples ``i`` of its class."""
+    cosine = F.normalize(features, dim=-1) @ F.normalize(anchor_copies.detach(), dim=-1).T  # (B, B)
+    same = (labels[:, None] == labels[None, :]).to(cosine.dtype)
+    return (((1 - cosine) * same).sum(0) / same.sum(0)).mean()
