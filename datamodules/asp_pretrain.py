@@ -3,7 +3,8 @@
 The paper's backbone is an ImageNet-pretrained ViT-B/16; offline, a tiny ViT is pre-trained here so that its
 frozen features mean something. Sources (concatenated, each with its own label block): ``glyphs`` (the glyph
 source's ``pretrain`` split: every glyph class outside ``fscil``), ``mnist5k`` and ``digits`` (handwritten
-digits, upsampled). All are white ink on black and normalised with the stream's glyph statistics, so the
+digits, upsampled; by default without the digits that are also FSCIL glyph classes: 2-6, 8 and 9 are, so
+only 0, 1 and 7 stay, ``fscil_digits: true`` keeps all ten). All are white ink on black and normalised with the stream's glyph statistics, so the
 backbone sees at pre-training the same input distribution as in the FSCIL stream.
 Batches are dicts ``image`` (B, 1, S, S), ``label`` (B,).
 """
@@ -24,15 +25,19 @@ from datamodules.class_incremental import STATS, StreamSet, per_class_split
 Source = Literal["glyphs", "mnist5k", "digits"]
 
 
-def load_source(name: Source, size: int, glyph_per_class: int) -> tuple[Tensor, Tensor]:
+def load_source(name: Source, size: int, glyph_per_class: int, fscil_digits: bool) -> tuple[Tensor, Tensor]:
     """(N, 1, size, size) images in [0, 1] and labels 0..K-1 of one pre-training source."""
     from datamodules import sources
 
+    splits = sources.glyph_splits(seed=0)
     if name == "glyphs":
-        chars = sources.glyph_splits(seed=0)["pretrain"]
-        images, labels, _ = sources.render_glyphs(chars, per_class=glyph_per_class, size=size, seed=1)
+        images, labels, _ = sources.render_glyphs(splits["pretrain"], per_class=glyph_per_class, size=size, seed=1)
         return torch.as_tensor(images)[:, None].float() / 255.0, torch.as_tensor(labels)
     images, labels = sources.mnist5k() if name == "mnist5k" else sources.sklearn_digits()
+    if not fscil_digits:  # keep the pre-training classes disjoint from the FSCIL characters
+        kept = torch.tensor([d for d in range(10) if str(d) not in splits["fscil"]])
+        keep = torch.isin(labels, kept)
+        images, labels = images[keep], torch.searchsorted(kept, labels[keep])
     if images.shape[-1] != size:
         images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
     return images, labels
@@ -45,6 +50,7 @@ class PretrainImages(L.LightningDataModule):
         sources: which sources to concatenate (``glyphs``, ``mnist5k``, ``digits``).
         image_size: side of the images (the FSCIL stream's size).
         glyph_per_class: rendered images per glyph class (other rendering seed than the stream's).
+        fscil_digits: keep the handwritten digits whose character is also an FSCIL glyph class.
         val_per_class: images per class held out for validation.
         batch_size: training batch size.
         eval_batch_size: validation batch size.
@@ -52,7 +58,7 @@ class PretrainImages(L.LightningDataModule):
     """
 
     def __init__(self, sources: list[Source] | None = None, image_size: int = 28, glyph_per_class: int = 20,
-                 val_per_class: int = 3, batch_size: int = 64, eval_batch_size: int = 256, seed: int = 0) -> None:
+                 fscil_digits: bool = False, val_per_class: int = 3, batch_size: int = 64, eval_batch_size: int = 256, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.sources = list(sources or ["glyphs", "mnist5k", "digits"])
@@ -69,7 +75,7 @@ class PretrainImages(L.LightningDataModule):
         hp = self.hparams
         images, labels, offset = [], [], 0
         for name in self.sources:
-            x, y = load_source(name, hp.image_size, hp.glyph_per_class)
+            x, y = load_source(name, hp.image_size, hp.glyph_per_class, hp.fscil_digits)
             images.append(x)
             labels.append(y + offset)
             offset += int(y.max()) + 1

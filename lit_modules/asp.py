@@ -112,6 +112,8 @@ class ASPModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # manual steps: sessions without training skip them on every rank (DDP forbids returning None)
+        self.automatic_optimization = False
         kwargs = {**(backbone_kwargs or {}), "num_classes": 0}
         vit = create_model(backbone, pretrained, backbone_checkpoint, kwargs, key="model.init_args.backbone",
                            checkpoint_key="model.init_args.backbone_checkpoint")
@@ -224,9 +226,8 @@ class ASPModule(L.LightningModule):
 
     # ------------------------------------------------------------------ sessions
     @torch.no_grad()
-    def _refresh_anchors(self) -> None:
+    def _refresh_anchors(self, data: Dataset) -> None:
         """Anchor images (closest to their class mean, current model) and, for ASP, p_avg reset to the mean mu."""
-        data = self._session_data()
         features, labels, mean_mu = self._pass(data)
         base = torch.tensor(self.task_classes[0], device=self.device)
         index = anchor_indices(features, labels, base, class_means(features, labels, base))
@@ -236,11 +237,10 @@ class ASPModule(L.LightningModule):
             self.p_avg.copy_(mean_mu)
 
     @torch.no_grad()
-    def _finish_base(self) -> None:
+    def _finish_base(self, data: Dataset) -> None:
         """After the last base epoch: final p_avg, then base prototypes replace the classifier rows."""
         if int(self.session) >= 0:
             return
-        data = self._session_data()
         if self.prompt_encoder is not None:
             self.p_avg.copy_(self._pass(data, with_features=False)[2])
         features, labels, _ = self._pass(data)
@@ -248,9 +248,8 @@ class ASPModule(L.LightningModule):
         self.session.fill_(0)
 
     @torch.no_grad()
-    def _start_session(self, session: int) -> None:
+    def _start_session(self, session: int, data: Dataset) -> None:
         """Incremental session: EMA of p_avg on its few shots, then the new classes' prototypes."""
-        data = self._session_data()
         if self.prompt_encoder is not None:
             beta = self.hparams.ema_beta
             self.p_avg.mul_(beta).add_((1 - beta) * self._pass(data, with_features=False)[2])  # EMA
@@ -262,11 +261,15 @@ class ASPModule(L.LightningModule):
         task = self._task()
         if task == 0:
             if self._trains_prompts():
-                self._refresh_anchors()
+                self._refresh_anchors(self._session_data())
             return
-        self._finish_base()  # in case no validation ran at the end of the base session
         if int(self.session) < task:
-            self._start_session(task)
+            self._start_session(task, self._session_data())
+
+    def on_train_epoch_end(self) -> None:
+        self.lr_schedulers().step()
+        if self._task() == 0 and self._stream().is_task_end(self.current_epoch):
+            self._finish_base(self._session_data())  # when no validation ran at the end of the base session
 
     # ------------------------------------------------------------------ training
     def _base_loss(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -294,21 +297,25 @@ class ASPModule(L.LightningModule):
                        "train/pull": pull}, prog_bar=True)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         task = self._task()
         if (task == 0 and not self._trains_prompts()) or (task > 0 and not self.hparams.incremental_training):
-            return None  # SimpleCIL and the incremental sessions of the paper take no gradient steps
+            return  # SimpleCIL and the incremental sessions of the paper take no gradient steps
         images, labels = batch["image"], batch["label"]
         if self.hparams.augment_padding:
-            generator = keyed_generator(self.global_step, 23)
+            generator = keyed_generator(self.global_step, batch_idx, 23)
             images = random_crop_flip(images, self.hparams.augment_padding, False, generator)
         if task == 0:
-            return self._base_loss(images, labels)
-        low, high = self._seen(task - 1), self._seen(task)
-        logits = self.classifier(self.encode(images, self.hparams.perturb_var)[0])[:, low:high]
-        loss = F.cross_entropy(logits, labels - low)  # old classes masked, as the release's fs path
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+            loss = self._base_loss(images, labels)
+        else:
+            low, high = self._seen(task - 1), self._seen(task)
+            logits = self.classifier(self.encode(images, self.hparams.perturb_var)[0])[:, low:high]
+            loss = F.cross_entropy(logits, labels - low)  # old classes masked, as the release's fs path
+            self.log("train/loss", loss, prog_bar=True)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
 
     # ------------------------------------------------------------------ evaluation
     def _evaluated_session(self) -> int:
@@ -319,7 +326,7 @@ class ASPModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
         if fitting and self._task() == 0 and self._stream().is_task_end(self.current_epoch):
-            self._finish_base()
+            self._finish_base(self._session_data())
         sessions = len(self.task_classes)
         self._correct = torch.zeros(sessions, device=self.device)
         self._count = torch.zeros(sessions, device=self.device)

@@ -44,7 +44,7 @@ class ViTPretrainModule(L.LightningModule):
                            key="model.init_args.backbone")
         self.vit = require_prompt_vit(vit, "model.init_args.backbone")
         self.head = nn.Linear(self.vit.embed_dim, num_classes)
-        self.acc = nn.ModuleDict({s: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        self.acc = nn.ModuleDict({f"{s}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
                                   for s in ("train", "val")})
 
     def setup(self, stage: str) -> None:
@@ -62,8 +62,8 @@ class ViTPretrainModule(L.LightningModule):
             images = random_crop_flip(images, self.hparams.augment_padding, False, keyed_generator(self.global_step, 31))
         logits = self(images)
         loss = F.cross_entropy(logits, batch["label"])
-        self.acc[split](logits, batch["label"])
-        self.log_dict({f"{split}/loss": loss, f"{split}/acc": self.acc[split]}, prog_bar=True)
+        self.acc[f"{split}_acc"](logits, batch["label"])
+        self.log_dict({f"{split}/loss": loss, f"{split}/acc": self.acc[f"{split}_acc"]}, prog_bar=True)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
