@@ -38,9 +38,6 @@ def prompted_features(vit: VisionTransformer, images: Tensor, prompts: Sequence[
     length = tokens.shape[1]
     for index, block in enumerate(vit.blocks):
         prompt = None if prompts is None else prompts[index]
-        if prompt is None:
-            tokens = block(tokens)
-        else:
-            # the prompt outputs are discarded: every block sees its own fresh prompt tokens
-            tokens = block(torch.cat([tokens, prompt], dim=1))[:, :length]
+        # the prompt outputs are discarded: every block sees its own fresh prompt tokens
+        tokens = block(tokens) if prompt is None else block(torch.cat([tokens, prompt], dim=1))[:, :length]
     return vit.forward_head(vit.norm(tokens), pre_logits=True)

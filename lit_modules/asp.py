@@ -17,7 +17,7 @@ with key-query matching instead of TIP/TSP), ``none`` (SimpleCIL: prototypes of 
 
 Equations (the paper's names; the release is the reference, see docs/methods/asp.md):
 - TSP Gaussian, sigma = softplus(f_sigma(u) - 5), u = [TIP_l[0]; f(x)]   -> ``PromptEncoder.forward``
-- TSP_l(x) = alpha p_avg,l + (1 - alpha)(mu + sigma * eps)              -> ``encode`` (# TSP)
+- TSP_l(x) = alpha p_avg,l + (1 - alpha)(mu + sigma * eps)              -> ``PromptedViT.forward`` (# TSP)
 - L = L_CE + anchor_lambda L_anchor + kl_weight KL                      -> ``_base_loss`` (# Eq. L)
 - anchor a_c = argmax_i cos(h(x_i), mean_c h)                           -> ``_refresh_anchors``
 - p_avg <- beta p_avg + (1 - beta) mean_x mu(x)  (incremental sessions) -> ``_start_session`` (# EMA)
@@ -32,16 +32,22 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from core.fscil import class_means, fscil_metrics, save_session_curves
-from core.prompted_vit import prompted_features, require_prompt_vit
+from core.prompted_vit import require_prompt_vit
 from core.rng import keyed_generator
 from core.tensor_augment import random_crop_flip
 from core.timm_models import create_model
-from lit_modules.asp_parts import (CosineClassifier, PromptEncoder, PromptPool, anchor_indices, anchor_loss,
-                                   anchor_loss_per_copy, gaussian_kl)
+from lit_modules.asp_parts import (
+    CosineClassifier,
+    PromptedViT,
+    anchor_indices,
+    anchor_loss,
+    anchor_loss_per_copy,
+    gaussian_kl,
+)
 
 
 class ASPModule(L.LightningModule):
@@ -76,7 +82,9 @@ class ASPModule(L.LightningModule):
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         augment_padding: train-time random shift by up to this many pixels (0: none).
+        image_size: resize batches to this side on the device (the release upsamples CIFAR 32 -> 224); None: as is.
         eval_batch_size: batch size of the passes over a session's training data (anchors, p_avg, prototypes).
+        eval_each_epoch: evaluate after every base epoch while fitting (monitoring); off: only at session ends.
         plot: draw the accuracy-per-session curve (PNG in the run directory, W&B image) after the last session.
     """
 
@@ -107,7 +115,9 @@ class ASPModule(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         augment_padding: int = 0,
+        image_size: int | None = None,
         eval_batch_size: int = 256,
+        eval_each_epoch: bool = False,
         plot: bool = True,
     ) -> None:
         super().__init__()
@@ -117,57 +127,18 @@ class ASPModule(L.LightningModule):
         kwargs = {**(backbone_kwargs or {}), "num_classes": 0}
         vit = create_model(backbone, pretrained, backbone_checkpoint, kwargs, key="model.init_args.backbone",
                            checkpoint_key="model.init_args.backbone_checkpoint")
-        self.vit = require_prompt_vit(vit, "model.init_args.backbone").requires_grad_(False).eval()
-        depth, dim = len(self.vit.blocks), self.vit.embed_dim
-        self.tip = None
-        if prompts in ("asp", "vpt"):
-            init = torch.zeros if tip_init == "zero" else torch.randn
-            self.tip = nn.Parameter(init(depth, tip_tokens, dim))
-        self.prompt_encoder = PromptEncoder(dim, tsp_tokens, encoder_hidden) if prompts == "asp" else None
-        self.pool = PromptPool(pool_size, depth, tsp_tokens, dim, pool_top_k) if prompts == "l2p" else None
-        self.classifier = CosineClassifier(dim, num_classes)
-        self.register_buffer("p_avg", torch.zeros(depth, tsp_tokens, dim))
+        self.net = PromptedViT(require_prompt_vit(vit, "model.init_args.backbone"), prompts, tip_tokens, tsp_tokens,
+                               tip_init, encoder_hidden, avg_alpha, pool_size, pool_top_k, image_size)
+        self.classifier = CosineClassifier(self.net.vit.embed_dim, num_classes)
         self.register_buffer("session", torch.tensor(-1))  # last finished session (-1: base still training)
         self._anchor_images: Tensor | None = None
         self._anchor_cls: Tensor | None = None
         self.history: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ forward
-    def train(self, mode: bool = True) -> ASPModule:
-        super().train(mode)
-        self.vit.eval()  # frozen: no dropout, also while the prompts train
-        return self
-
-    @torch.no_grad()
-    def frozen_features(self, images: Tensor) -> Tensor:
-        """[CLS] of the unprompted frozen backbone: f(x) of the prompt encoder, the SimpleCIL feature."""
-        return prompted_features(self.vit, images, None)
-
-    def encode(self, images: Tensor, perturb: float = 0.0, cls: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Prompted features (B, D) and side outputs (``mu``, ``sigma`` for ASP, ``pull`` for L2P)."""
-        hp = self.hparams
-        if hp.prompts == "none":
-            return self.frozen_features(images), {}
-        batch = images.shape[0]
-        parts, extra = [], {}
-        if self.tip is not None:
-            parts.append(self.tip.expand(batch, -1, -1, -1))
-        if hp.prompts in ("asp", "l2p") and cls is None:
-            cls = self.frozen_features(images)
-        if self.prompt_encoder is not None:
-            mu, sigma = self.prompt_encoder(self.tip[:, 0].detach(), cls)
-            sample = mu + sigma * torch.randn_like(mu) * perturb if perturb else mu
-            parts.append(hp.avg_alpha * self.p_avg + (1 - hp.avg_alpha) * sample)  # TSP
-            extra = {"mu": mu, "sigma": sigma}
-        elif self.pool is not None:
-            pooled, pull = self.pool(cls)
-            parts.append(pooled)
-            extra = {"pull": pull}
-        return prompted_features(self.vit, images, torch.cat(parts, dim=2).unbind(1)), extra
-
     def forward(self, images: Tensor) -> Tensor:
         """Cosine logits over all stream classes at evaluation (no noise); callers slice the seen ones."""
-        return self.classifier(self.encode(images)[0])
+        return self.classifier(self.net(images)[0])
 
     # ------------------------------------------------------------------ the stream
     def _stream(self) -> Any:
@@ -178,9 +149,6 @@ class ASPModule(L.LightningModule):
 
     def _seen(self, session: int) -> int:
         return sum(len(c) for c in self.task_classes[: session + 1])
-
-    def _trains_prompts(self) -> bool:
-        return self.hparams.prompts != "none"
 
     def setup(self, stage: str) -> None:
         stream = self._stream()
@@ -196,26 +164,32 @@ class ASPModule(L.LightningModule):
             sessions = len(self.task_classes)
             self.history = {"correct": torch.zeros(sessions, sessions), "count": torch.zeros(sessions)}
 
-    def _loader(self, data: Dataset) -> DataLoader:
-        # the whole session on every rank (no distributed sampler): all ranks compute identical prototypes
-        return DataLoader(data, batch_size=self.hparams.eval_batch_size, shuffle=False)
+    def _chunks(self, *tensors: Tensor | None) -> list[tuple[Tensor | None, ...]]:
+        size = self.hparams.eval_batch_size
+        return [tuple(None if t is None else t[i : i + size] for t in tensors) for i in range(0, len(tensors[0]), size)]
 
     @torch.no_grad()
-    def _pass(self, data: Dataset, with_features: bool = True) -> tuple[Tensor | None, Tensor, Tensor | None]:
-        """Evaluation-mode features (B, D) and labels over ``data``, and the mean mu-prompt (ASP only)."""
-        features, labels, mu_sum, n = [], [], None, 0
-        for batch in self._loader(data):
-            images, label = batch["image"].to(self.device), batch["label"].to(self.device)
-            cls = self.frozen_features(images) if self.hparams.prompts in ("asp", "l2p") else None
-            if self.prompt_encoder is not None:
-                mu = self.prompt_encoder(self.tip[:, 0], cls)[0].sum(0)
-                mu_sum = mu if mu_sum is None else mu_sum + mu
-            if with_features:
-                features.append(self.encode(images, cls=cls)[0])
-            labels.append(label)
-            n += len(label)
-        mean_mu = None if mu_sum is None else mu_sum / n
-        return (torch.cat(features) if with_features else None), torch.cat(labels), mean_mu
+    def _collect(self, data: Dataset) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Images, labels and (for ASP/L2P) frozen [CLS] features of a whole session, on the device.
+
+        Every rank reads the whole session (no distributed sampler), so all ranks build identical state."""
+        batches = list(DataLoader(data, batch_size=self.hparams.eval_batch_size, shuffle=False))
+        images = torch.cat([b["image"] for b in batches]).to(self.device)
+        labels = torch.cat([b["label"] for b in batches]).to(self.device)
+        cls = None
+        if self.hparams.prompts in ("asp", "l2p"):
+            cls = torch.cat([self.net.frozen_features(x) for x, in self._chunks(images)])
+        return images, labels, cls
+
+    @torch.no_grad()
+    def _features(self, images: Tensor, cls: Tensor | None) -> Tensor:
+        """Evaluation-mode (noise-free) prompted features of a session, in chunks."""
+        return torch.cat([self.net(x, cls=c)[0] for x, c in self._chunks(images, cls)])
+
+    @torch.no_grad()
+    def _mean_mu(self, cls: Tensor) -> Tensor:
+        """The mean mu-prompt over a session (the release's Avg_TSP)."""
+        return sum(self.net.mu(c).sum(0) for c, in self._chunks(cls)) / len(cls)
 
     def _session_data(self) -> Dataset:
         return self.trainer.train_dataloader.dataset
@@ -228,39 +202,40 @@ class ASPModule(L.LightningModule):
     @torch.no_grad()
     def _refresh_anchors(self, data: Dataset) -> None:
         """Anchor images (closest to their class mean, current model) and, for ASP, p_avg reset to the mean mu."""
-        features, labels, mean_mu = self._pass(data)
+        images, labels, cls = self._collect(data)
+        features = self._features(images, cls)  # with the previous epoch's p_avg, as the release
         base = torch.tensor(self.task_classes[0], device=self.device)
         index = anchor_indices(features, labels, base, class_means(features, labels, base))
-        self._anchor_images = torch.stack([data[i]["image"] for i in index.tolist()]).to(self.device)
-        self._anchor_cls = self.frozen_features(self._anchor_images)
-        if mean_mu is not None:
-            self.p_avg.copy_(mean_mu)
+        self._anchor_images = images[index]
+        self._anchor_cls = None if cls is None else cls[index]
+        if self.net.prompt_encoder is not None:
+            self.net.p_avg.copy_(self._mean_mu(cls))
 
     @torch.no_grad()
     def _finish_base(self, data: Dataset) -> None:
         """After the last base epoch: final p_avg, then base prototypes replace the classifier rows."""
         if int(self.session) >= 0:
             return
-        if self.prompt_encoder is not None:
-            self.p_avg.copy_(self._pass(data, with_features=False)[2])
-        features, labels, _ = self._pass(data)
-        self._write_prototypes(0, features, labels)
+        images, labels, cls = self._collect(data)
+        if self.net.prompt_encoder is not None:
+            self.net.p_avg.copy_(self._mean_mu(cls))
+        self._write_prototypes(0, self._features(images, cls), labels)
         self.session.fill_(0)
 
     @torch.no_grad()
     def _start_session(self, session: int, data: Dataset) -> None:
         """Incremental session: EMA of p_avg on its few shots, then the new classes' prototypes."""
-        if self.prompt_encoder is not None:
+        images, labels, cls = self._collect(data)
+        if self.net.prompt_encoder is not None:
             beta = self.hparams.ema_beta
-            self.p_avg.mul_(beta).add_((1 - beta) * self._pass(data, with_features=False)[2])  # EMA
-        features, labels, _ = self._pass(data)
-        self._write_prototypes(session, features, labels)
+            self.net.p_avg.mul_(beta).add_((1 - beta) * self._mean_mu(cls))  # EMA
+        self._write_prototypes(session, self._features(images, cls), labels)
         self.session.fill_(session)
 
     def on_train_epoch_start(self) -> None:
         task = self._task()
         if task == 0:
-            if self._trains_prompts():
+            if self.hparams.prompts != "none":
                 self._refresh_anchors(self._session_data())
             return
         if int(self.session) < task:
@@ -278,16 +253,16 @@ class ASPModule(L.LightningModule):
         anchor_term = images.new_zeros(())
         if hp.anchor_lambda > 0 and hp.anchor_copies == "per_sample":
             cls = None
-            if self.hparams.prompts in ("asp", "l2p"):
-                cls = torch.cat([self.frozen_features(images), self._anchor_cls[labels]])
-            features, extra = self.encode(torch.cat([images, self._anchor_images[labels]]), noise, cls)
+            if self._anchor_cls is not None:
+                cls = torch.cat([self.net.frozen_features(images), self._anchor_cls[labels]])
+            features, extra = self.net(torch.cat([images, self._anchor_images[labels]]), noise, cls)
             features, copies = features[:batch], features[batch:]
             anchor_term = anchor_loss_per_copy(features, labels, copies)
         else:
-            features, extra = self.encode(images, noise)
+            features, extra = self.net(images, noise)
             if hp.anchor_lambda > 0:
                 with torch.no_grad():
-                    anchors = self.encode(self._anchor_images, noise, self._anchor_cls)[0]
+                    anchors = self.net(self._anchor_images, noise, self._anchor_cls)[0]
                 anchor_term = anchor_loss(features, anchors[labels])
         ce = F.cross_entropy(self.classifier(features)[:, : self._seen(0)], labels)
         kl = gaussian_kl(extra["mu"], extra["sigma"]) if "mu" in extra else images.new_zeros(())
@@ -299,7 +274,7 @@ class ASPModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         task = self._task()
-        if (task == 0 and not self._trains_prompts()) or (task > 0 and not self.hparams.incremental_training):
+        if (task == 0 and self.hparams.prompts == "none") or (task > 0 and not self.hparams.incremental_training):
             return  # SimpleCIL and the incremental sessions of the paper take no gradient steps
         images, labels = batch["image"], batch["label"]
         if self.hparams.augment_padding:
@@ -309,7 +284,7 @@ class ASPModule(L.LightningModule):
             loss = self._base_loss(images, labels)
         else:
             low, high = self._seen(task - 1), self._seen(task)
-            logits = self.classifier(self.encode(images, self.hparams.perturb_var)[0])[:, low:high]
+            logits = self.classifier(self.net(images, self.hparams.perturb_var)[0])[:, low:high]
             loss = F.cross_entropy(logits, labels - low)  # old classes masked, as the release's fs path
             self.log("train/loss", loss, prog_bar=True)
         opt = self.optimizers()
@@ -331,10 +306,14 @@ class ASPModule(L.LightningModule):
         self._correct = torch.zeros(sessions, device=self.device)
         self._count = torch.zeros(sessions, device=self.device)
 
+    def _skips_evaluation(self) -> bool:
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        return fitting and not self.hparams.eval_each_epoch and not self._stream().is_task_end(self.current_epoch)
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         session = self._evaluated_session()
-        if dataloader_idx > session:
-            return  # classes not seen yet
+        if dataloader_idx > session or self._skips_evaluation():
+            return  # classes not seen yet, or a base epoch before the session's end
         logits = self(batch["image"])[:, : self._seen(session)]
         self._correct[dataloader_idx] += (logits.argmax(1) == batch["label"]).sum()
         self._count[dataloader_idx] += len(batch["label"])
@@ -344,21 +323,25 @@ class ASPModule(L.LightningModule):
             return self.all_gather(self._correct).sum(0), self.all_gather(self._count).sum(0)
         return self._correct, self._count
 
-    def on_validation_epoch_end(self) -> None:
+    def _report(self, split: str) -> None:
+        """Accuracy on the seen classes; at a session's end during fit, its row of the FSCIL history."""
         correct, count = self._reduced()
         session = self._evaluated_session()
-        self.log("val/acc", correct[: session + 1].sum() / count[: session + 1].sum().clamp_min(1))
+        self.log(f"{split}/acc", correct[: session + 1].sum() / count[: session + 1].sum().clamp_min(1))
         finished = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
         if not (finished and self._stream().is_task_end(self.current_epoch) and int(self.session) == session):
             return
         self.history["correct"][session] = correct.cpu()
         self.history["count"] = count.cpu()
-        rows = self.history["correct"][: session + 1, : session + 1]
-        metrics = fscil_metrics(rows, self.history["count"][: session + 1])
-        self.log(f"val/acc_session_{session}", metrics["sessions"][-1])
+        metrics = self.session_metrics()
+        self.log(f"{split}/acc_session_{session}", metrics["sessions"][-1])
         if session == len(self.task_classes) - 1:
-            self.log_dict({"val/avg_acc": metrics["avg"], "val/pd": metrics["pd"], "val/hm": metrics["hm"]})
+            self.log_dict({f"{split}/avg_acc": metrics["avg"], f"{split}/pd": metrics["pd"], f"{split}/hm": metrics["hm"]})
             self._draw(metrics["sessions"])
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._skips_evaluation():
+            self._report("val")
 
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
@@ -367,12 +350,7 @@ class ASPModule(L.LightningModule):
         self.validation_step(batch, batch_idx, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
-        correct, count = self._reduced()
-        seen = self._evaluated_session() + 1
-        self.log("test/acc", correct[:seen].sum() / count[:seen].sum().clamp_min(1))
-        if seen > 1:
-            old, new = correct[0] / count[0], correct[1:seen].sum() / count[1:seen].sum()
-            self.log_dict({"test/acc_old": old, "test/acc_new": new, "test/hm": 2 * old * new / (old + new + 1e-12)})
+        self._report("test")
 
     def session_metrics(self) -> dict[str, Any]:
         """FSCIL metrics of the finished sessions (``core.fscil.fscil_metrics``)."""
@@ -380,10 +358,8 @@ class ASPModule(L.LightningModule):
         return fscil_metrics(self.history["correct"][:done, :done], self.history["count"][:done])
 
     def _draw(self, accuracies: list[float]) -> None:
-        if not self.hparams.plot:
-            return
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        if self.global_rank != 0:
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank
+        if not self.hparams.plot or self.global_rank != 0:
             return
         png = save_session_curves({self.hparams.prompts: accuracies}, out / "acc_per_session.png",
                                   f"FSCIL accuracy per session ({self.hparams.prompts})")

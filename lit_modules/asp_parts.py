@@ -4,15 +4,20 @@
 for the scale of the task-specific prompts, shared by all layers and told the layer by the layer's first
 (detached) task-invariant prompt token. ``PromptPool`` is the L2P-style pool with key-query matching used
 by the ``l2p`` baseline. ``CosineClassifier`` is the release's ``CosineLinear`` (one proxy, learned scale).
+``PromptedViT`` holds the frozen backbone with the prompts of a variant and computes the features.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from core.prompted_vit import prompted_features
 
 
 class PromptEncoder(nn.Module):
@@ -123,3 +128,68 @@ def anchor_loss_per_copy(features: Tensor, labels: Tensor, anchor_copies: Tensor
     cosine = F.normalize(features, dim=-1) @ F.normalize(anchor_copies.detach(), dim=-1).T  # (B, B)
     same = (labels[:, None] == labels[None, :]).to(cosine.dtype)
     return (((1 - cosine) * same).sum(0) / same.sum(0)).mean()
+
+
+class PromptedViT(nn.Module):
+    """A frozen ViT with the prompts of ``prompts`` at every block; ``forward`` gives the features.
+
+    ``asp``: TIP (``tip_tokens``, learned) + TSP (``tsp_tokens``, from the prompt encoder and ``p_avg``, a
+    persistent buffer so checkpoints keep it); ``vpt``: TIP only; ``l2p``: a prompt pool; ``none``: no
+    prompts. Arguments as in ``ASPModule``; ``vit`` is frozen here and kept in eval mode (no dropout).
+    """
+
+    def __init__(self, vit: VisionTransformer, prompts: Literal["asp", "vpt", "l2p", "none"], tip_tokens: int,
+                 tsp_tokens: int, tip_init: Literal["zero", "random"], encoder_hidden: int, avg_alpha: float,
+                 pool_size: int, pool_top_k: int, image_size: int | None) -> None:
+        super().__init__()
+        self.vit = vit.requires_grad_(False).eval()
+        self.prompts, self.avg_alpha, self.image_size = prompts, avg_alpha, image_size
+        depth, dim = len(vit.blocks), vit.embed_dim
+        self.tip = None
+        if prompts in ("asp", "vpt"):
+            self.tip = nn.Parameter((torch.zeros if tip_init == "zero" else torch.randn)(depth, tip_tokens, dim))
+        self.prompt_encoder = PromptEncoder(dim, tsp_tokens, encoder_hidden) if prompts == "asp" else None
+        self.pool = PromptPool(pool_size, depth, tsp_tokens, dim, pool_top_k) if prompts == "l2p" else None
+        self.register_buffer("p_avg", torch.zeros(depth, tsp_tokens, dim))
+
+    def train(self, mode: bool = True) -> PromptedViT:
+        super().train(mode)
+        self.vit.eval()  # frozen: no dropout, also while the prompts train
+        return self
+
+    def _resized(self, images: Tensor) -> Tensor:
+        if self.image_size is None or images.shape[-1] == self.image_size:
+            return images
+        return F.interpolate(images, size=(self.image_size,) * 2, mode="bicubic", align_corners=False)
+
+    @torch.no_grad()
+    def frozen_features(self, images: Tensor) -> Tensor:
+        """[CLS] of the unprompted frozen backbone: f(x) of the prompt encoder, the SimpleCIL feature."""
+        return prompted_features(self.vit, self._resized(images), None)
+
+    def mu(self, cls: Tensor) -> Tensor:
+        """The TSP means (B, L, m, D) for frozen features ``cls`` (ASP only)."""
+        return self.prompt_encoder(self.tip[:, 0].detach(), cls)[0]
+
+    def forward(self, images: Tensor, perturb: float = 0.0, cls: Tensor | None = None) -> tuple[Tensor, dict]:
+        """Prompted features (B, D) and side outputs (``mu``, ``sigma`` for ASP, ``pull`` for L2P).
+
+        ``perturb`` scales the TSP noise (0: the mean, as at evaluation); ``cls`` reuses frozen features.
+        """
+        if self.prompts == "none":
+            return self.frozen_features(images), {}
+        parts, extra = [], {}
+        if self.tip is not None:
+            parts.append(self.tip.expand(images.shape[0], -1, -1, -1))
+        if self.prompts in ("asp", "l2p") and cls is None:
+            cls = self.frozen_features(images)
+        if self.prompt_encoder is not None:
+            mu, sigma = self.prompt_encoder(self.tip[:, 0].detach(), cls)
+            sample = mu + sigma * torch.randn_like(mu) * perturb if perturb else mu
+            parts.append(self.avg_alpha * self.p_avg + (1 - self.avg_alpha) * sample)  # TSP
+            extra = {"mu": mu, "sigma": sigma}
+        elif self.pool is not None:
+            pooled, pull = self.pool(cls)
+            parts.append(pooled)
+            extra = {"pull": pull}
+        return prompted_features(self.vit, self._resized(images), torch.cat(parts, dim=2).unbind(1)), extra

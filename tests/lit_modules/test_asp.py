@@ -11,7 +11,13 @@ import torch.nn.functional as F
 
 from datamodules.class_incremental import ClassIncrementalStream
 from lit_modules.asp import ASPModule
-from lit_modules.asp_parts import PromptEncoder, anchor_indices, anchor_loss, anchor_loss_per_copy, gaussian_kl
+from lit_modules.asp_parts import (
+    PromptEncoder,
+    anchor_indices,
+    anchor_loss,
+    anchor_loss_per_copy,
+    gaussian_kl,
+)
 
 KW = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 2, "num_heads": 2}
 
@@ -40,17 +46,17 @@ def trainer(root: Path, **kw) -> L.Trainer:
     ("l2p", {"pool", "classifier"}), ("none", {"classifier"})])
 def test_only_the_prompts_their_encoder_and_the_classifier_train(prompts: str, trainable: set[str]) -> None:
     m = module(prompts=prompts)
-    names = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
+    names = {n.removeprefix("net.").split(".")[0] for n, p in m.named_parameters() if p.requires_grad}
     assert names == trainable
-    assert not any(p.requires_grad for p in m.vit.parameters())
+    assert not any(p.requires_grad for p in m.net.vit.parameters())
 
 
 @pytest.mark.parametrize("prompts, tokens", [("asp", 2 + 2), ("vpt", 2), ("l2p", 2 * 2), ("none", 0)])
 def test_every_block_gets_its_prompt_tokens(prompts: str, tokens: int) -> None:
     m = module(prompts=prompts).eval()
     lengths = []
-    hooks = [b.register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1])) for b in m.vit.blocks]
-    m.encode(torch.randn(3, 1, 8, 8))
+    hooks = [b.register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1])) for b in m.net.vit.blocks]
+    m.net(torch.randn(3, 1, 8, 8))
     for h in hooks:
         h.remove()
     frozen_pass = [] if prompts in ("vpt", "none") else [5, 5]  # the encoder's f(x) runs unprompted first
@@ -92,9 +98,9 @@ def test_anchor_is_the_example_closest_to_its_class_mean_and_the_losses_agree() 
 def test_evaluation_is_deterministic_and_training_perturbs_the_task_specific_prompts() -> None:
     m, images = module(), torch.randn(4, 1, 8, 8)
     with torch.no_grad():
-        m.prompt_encoder.f_mu[1].bias.add_(0.5)  # non-zero prompts, so the noise shows
-        first, second = m.encode(images)[0], m.encode(images)[0]
-        noisy = m.encode(images, perturb=1.0)[0]
+        m.net.prompt_encoder.f_mu[1].bias.add_(0.5)  # non-zero prompts, so the noise shows
+        first, second = m.net(images)[0], m.net(images)[0]
+        noisy = m.net(images, perturb=1.0)[0]
     assert torch.equal(first, second)
     assert not torch.allclose(first, noisy)
 
@@ -103,19 +109,19 @@ def test_a_session_updates_p_avg_by_ema_then_appends_mean_feature_prototypes() -
     dm = stream()
     dm.setup("fit")
     m = module()
-    m.task_classes, p0 = dm.task_classes(), torch.randn_like(m.p_avg)
-    m.p_avg.copy_(p0)
+    m.task_classes, p0 = dm.task_classes(), torch.randn_like(m.net.p_avg)
+    m.net.p_avg.copy_(p0)
     m.session.fill_(0)
     before = m.classifier.weight.detach().clone()
     data = dm._task_subset("train", 1)
     images = torch.stack([data[i]["image"] for i in range(len(data))])
     labels = torch.stack([data[i]["label"] for i in range(len(data))])
     with torch.no_grad():
-        mu = m.prompt_encoder(m.tip[:, 0], m.frozen_features(images))[0]
+        mu = m.net.prompt_encoder(m.net.tip[:, 0], m.net.frozen_features(images))[0]
     m._start_session(1, data)
-    assert torch.allclose(m.p_avg, 0.99 * p0 + 0.01 * mu.mean(0), atol=1e-6)  # EMA
+    assert torch.allclose(m.net.p_avg, 0.99 * p0 + 0.01 * mu.mean(0), atol=1e-6)  # EMA
     with torch.no_grad():
-        features = m.encode(images)[0]  # with the updated p_avg
+        features = m.net(images)[0]  # with the updated p_avg
     for c in (4, 5):
         assert torch.allclose(m.classifier.weight[c], features[labels == c].mean(0), atol=1e-5)
     untouched = [c for c in range(10) if c not in (4, 5)]
@@ -148,7 +154,8 @@ class _BasePrototypes(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ASPModule) -> None:
         if trainer.current_epoch != 2:
             return
-        features, labels, _ = pl_module._pass(self.dm._task_subset("train", 0))
+        images, labels, cls = pl_module._collect(self.dm._task_subset("train", 0))
+        features = pl_module._features(images, cls)
         means = torch.stack([features[labels == c].mean(0) for c in range(4)])
         assert torch.allclose(pl_module.classifier.weight[:4], means, atol=1e-5) and int(pl_module.session) == 0
         self.checked = True
@@ -173,8 +180,8 @@ def test_a_resume_between_sessions_equals_an_uninterrupted_run(tmp_path: Path) -
     for ckpt in ("epoch=1.ckpt", "end.ckpt"):  # after the base session; after session 1
         resumed = run(tmp_path / f"resumed_{ckpt}", ckpt=str(tmp_path / "part" / ckpt))
         assert int(resumed.session) == int(whole.session) == 3
-        for a, b in ((resumed.p_avg, whole.p_avg), (resumed.classifier.weight, whole.classifier.weight),
-                     (resumed.tip, whole.tip), (resumed.history["correct"], whole.history["correct"])):
+        for a, b in ((resumed.net.p_avg, whole.net.p_avg), (resumed.classifier.weight, whole.classifier.weight),
+                     (resumed.net.tip, whole.net.tip), (resumed.history["correct"], whole.history["correct"])):
             assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -183,7 +190,7 @@ class _RankState(L.Callback):
         self.out = out
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: ASPModule) -> None:
-        torch.save({"p_avg": pl_module.p_avg.clone(), "weight": pl_module.classifier.weight.detach().clone()},
+        torch.save({"p_avg": pl_module.net.p_avg.clone(), "weight": pl_module.classifier.weight.detach().clone()},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
