@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 DEMO := runs/smi/demo
 
-.PHONY: install demo demo-bds demo-surgery demo-refresh test lint clean-demo
+.PHONY: install demo demo-bds demo-surgery demo-refresh test lint clean-demo demo-asp
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -66,3 +66,9 @@ demo-surgery: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# ASP (FSCIL on 100 glyph classes): pre-train the small ViT on disjoint classes, then ASP and SimpleCIL.
+demo-asp: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/asp/demo_pretrain.yaml
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/asp/demo.yaml
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/asp/demo.yaml --config configs/asp/simplecil.yaml
