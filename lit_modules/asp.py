@@ -36,10 +36,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from core.fscil import class_means, fscil_metrics, save_session_curves
-from core.prompted_vit import require_prompt_vit
 from core.rng import keyed_generator
 from core.tensor_augment import random_crop_flip
-from core.timm_models import create_model
 from lit_modules.asp_parts import (
     CosineClassifier,
     PromptedViT,
@@ -124,11 +122,8 @@ class ASPModule(L.LightningModule):
         self.save_hyperparameters()
         # manual steps: sessions without training skip them on every rank (DDP forbids returning None)
         self.automatic_optimization = False
-        kwargs = {**(backbone_kwargs or {}), "num_classes": 0}
-        vit = create_model(backbone, pretrained, backbone_checkpoint, kwargs, key="model.init_args.backbone",
-                           checkpoint_key="model.init_args.backbone_checkpoint")
-        self.net = PromptedViT(require_prompt_vit(vit, "model.init_args.backbone"), prompts, tip_tokens, tsp_tokens,
-                               tip_init, encoder_hidden, avg_alpha, pool_size, pool_top_k, image_size)
+        self.net = PromptedViT(backbone, pretrained, backbone_checkpoint, backbone_kwargs, prompts, tip_tokens,
+                               tsp_tokens, tip_init, encoder_hidden, avg_alpha, pool_size, pool_top_k, image_size)
         self.classifier = CosineClassifier(self.net.vit.embed_dim, num_classes)
         self.register_buffer("session", torch.tensor(-1))  # last finished session (-1: base still training)
         self._anchor_images: Tensor | None = None

@@ -10,14 +10,14 @@ by the ``l2p`` baseline. ``CosineClassifier`` is the release's ``CosineLinear`` 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from core.prompted_vit import prompted_features
+from core.prompted_vit import prompted_features, require_prompt_vit
+from core.timm_models import create_model
 
 
 class PromptEncoder(nn.Module):
@@ -30,7 +30,7 @@ class PromptEncoder(nn.Module):
         sigma_shift: sigma = softplus(f_sigma(u) - sigma_shift); 5 makes sigma start near 0.007.
     """
 
-    def __init__(self, dim: int, tokens: int, hidden: int = 256, sigma_shift: float = 5.0) -> None:
+    def __init__(self, dim: int = 768, tokens: int = 3, hidden: int = 256, sigma_shift: float = 5.0) -> None:
         super().__init__()
         self.tokens, self.dim, self.sigma_shift = tokens, dim, sigma_shift
         self.f_mu = nn.Sequential(nn.Linear(2 * dim, hidden), nn.Linear(hidden, tokens * dim))
@@ -69,7 +69,7 @@ class PromptPool(nn.Module):
         top_k: prompts chosen per image; their tokens are concatenated.
     """
 
-    def __init__(self, pool_size: int, layers: int, length: int, dim: int, top_k: int) -> None:
+    def __init__(self, pool_size: int = 10, layers: int = 12, length: int = 3, dim: int = 768, top_k: int = 2) -> None:
         super().__init__()
         if not 1 <= top_k <= pool_size:
             raise ValueError(f"model.init_args.pool_top_k={top_k} must lie in 1..pool_size={pool_size}")
@@ -96,7 +96,7 @@ class CosineClassifier(nn.Module):
         num_classes: rows (all classes of the stream; only seen ones are scored).
     """
 
-    def __init__(self, dim: int, num_classes: int) -> None:
+    def __init__(self, dim: int = 768, num_classes: int = 100) -> None:
         super().__init__()
         bound = 1.0 / math.sqrt(dim)
         self.weight = nn.Parameter(torch.empty(num_classes, dim).uniform_(-bound, bound))
@@ -131,18 +131,37 @@ def anchor_loss_per_copy(features: Tensor, labels: Tensor, anchor_copies: Tensor
 
 
 class PromptedViT(nn.Module):
-    """A frozen ViT with the prompts of ``prompts`` at every block; ``forward`` gives the features.
+    """A frozen timm ViT with the prompts of ``prompts`` at every block; ``forward`` gives the features.
 
     ``asp``: TIP (``tip_tokens``, learned) + TSP (``tsp_tokens``, from the prompt encoder and ``p_avg``, a
     persistent buffer so checkpoints keep it); ``vpt``: TIP only; ``l2p``: a prompt pool; ``none``: no
-    prompts. Arguments as in ``ASPModule``; ``vit`` is frozen here and kept in eval mode (no dropout).
+    prompts. The ViT is frozen and kept in eval mode (no dropout).
+
+    Args:
+        backbone: timm ViT name.
+        pretrained: load timm's pretrained weights.
+        backbone_checkpoint: local weights for the backbone.
+        backbone_kwargs: extra ``timm.create_model`` arguments.
+        prompts: ``asp``, ``vpt``, ``l2p`` or ``none``.
+        tip_tokens: task-invariant prompt tokens per block.
+        tsp_tokens: task-specific tokens per block (``asp``), or tokens per pool prompt (``l2p``).
+        tip_init: ``zero`` or ``random`` (N(0, 1)).
+        encoder_hidden: width of the prompt encoder's linear maps.
+        avg_alpha: weight of ``p_avg`` in the TSP in use.
+        pool_size: prompts in the ``l2p`` pool.
+        pool_top_k: pool prompts chosen per image.
+        image_size: resize inputs to this side first (None: as they come).
     """
 
-    def __init__(self, vit: VisionTransformer, prompts: Literal["asp", "vpt", "l2p", "none"], tip_tokens: int,
-                 tsp_tokens: int, tip_init: Literal["zero", "random"], encoder_hidden: int, avg_alpha: float,
-                 pool_size: int, pool_top_k: int, image_size: int | None) -> None:
+    def __init__(self, backbone: str = "vit_base_patch16_224", pretrained: bool = False,
+                 backbone_checkpoint: str | None = None, backbone_kwargs: dict[str, Any] | None = None,
+                 prompts: Literal["asp", "vpt", "l2p", "none"] = "asp", tip_tokens: int = 3, tsp_tokens: int = 3,
+                 tip_init: Literal["zero", "random"] = "zero", encoder_hidden: int = 256, avg_alpha: float = 0.8,
+                 pool_size: int = 10, pool_top_k: int = 2, image_size: int | None = None) -> None:
         super().__init__()
-        self.vit = vit.requires_grad_(False).eval()
+        vit = create_model(backbone, pretrained, backbone_checkpoint, {**(backbone_kwargs or {}), "num_classes": 0},
+                           key="model.init_args.backbone", checkpoint_key="model.init_args.backbone_checkpoint")
+        self.vit = require_prompt_vit(vit, "model.init_args.backbone").requires_grad_(False).eval()
         self.prompts, self.avg_alpha, self.image_size = prompts, avg_alpha, image_size
         depth, dim = len(vit.blocks), vit.embed_dim
         self.tip = None
