@@ -130,7 +130,7 @@ def test_a_session_updates_p_avg_by_ema_then_appends_mean_feature_prototypes() -
 
 def test_a_fit_runs_all_sessions_with_base_prototypes_and_logs_the_fscil_metrics(tmp_path: Path) -> None:
     L.seed_everything(0)
-    dm, m = stream(), module(anchor_copies="per_sample")
+    dm, m = stream(), module(anchor_copies="per_sample", plot=True)
     base_check = _BasePrototypes(dm)
     t = trainer(tmp_path, callbacks=[base_check])
     t.fit(m, dm)
@@ -141,6 +141,7 @@ def test_a_fit_runs_all_sessions_with_base_prototypes_and_logs_the_fscil_metrics
     assert float(logged["val/acc_session_3"]) == pytest.approx(metrics["sessions"][-1])
     assert float(logged["val/avg_acc"]) == pytest.approx(metrics["avg"])
     assert {"val/pd", "val/hm", "train/anchor", "train/kl"} <= set(logged)
+    assert (tmp_path / "acc_per_session.png").stat().st_size > 0  # the curve is drawn after the last session
     t.test(m, dm)
     assert float(t.callback_metrics["test/acc"]) == pytest.approx(metrics["sessions"][-1])
 
