@@ -26,7 +26,6 @@ Equations (the paper's names; the release is the reference, see docs/methods/asp
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -37,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.fscil import class_means, fscil_metrics, save_session_curves
 from core.rng import keyed_generator
+from core.run_dir import run_directory
 from core.tensor_augment import random_crop_flip
 from lit_modules.asp_parts import (
     CosineClassifier,
@@ -353,7 +353,7 @@ class ASPModule(L.LightningModule):
         return fscil_metrics(self.history["correct"][:done, :done], self.history["count"][:done])
 
     def _draw(self, accuracies: list[float]) -> None:
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective call: every rank
+        out = run_directory(self.trainer)  # a collective call: every rank
         if not self.hparams.plot or self.global_rank != 0:
             return
         png = save_session_curves({self.hparams.prompts: accuracies}, out / "acc_per_session.png",

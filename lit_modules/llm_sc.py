@@ -24,7 +24,6 @@ set's own vocabulary), ``known_prefix`` = 5 (the first tokens given to the recei
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -33,6 +32,7 @@ import torchmetrics
 
 from core.packaged_models import resolve_model
 from core.rng import keyed_generator
+from core.run_dir import run_directory
 from core.semantic_link import SYSTEMS, run_link
 from core.sequence_priors import CausalLMPrior
 from core.snr_curves import save_snr_curves
@@ -196,7 +196,7 @@ class LLMSCModule(L.LightningModule):
                     self.results[metric][system][snr] = float(value)
         if self.global_rank == 0:
             hp = self.hparams
-            out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            out = run_directory(self.trainer)
             png = save_snr_curves(self.results, out / "llm_sc_curves.png",
                                   f"{hp.model}, {hp.modulation}, {hp.channel}, beam {hp.beam_width}")
             for logger in self.loggers:

@@ -16,7 +16,6 @@ Validation and test decode greedily at every SNR of ``eval_snr_db`` and log BLEU
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from core.deepsc import DeepSC
 from core.rng import keyed_generator
+from core.run_dir import run_directory
 from core.snr_curves import save_snr_curves
 from core.text_metrics import sentence_bleu
 
@@ -123,7 +123,7 @@ class DeepSCModule(L.LightningModule):
     def _draw(self, split: str, curves: dict[str, dict[str, dict[float, float]]]) -> None:
         if self.global_rank != 0 or self.trainer.sanity_checking:
             return
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        out = run_directory(self.trainer)
         png = save_snr_curves(curves, out / f"deepsc_{split}_curves.png", f"DeepSC {split}, {self.hparams.channel}", ())
         for logger in self.loggers:
             if hasattr(logger, "log_image"):  # W&B

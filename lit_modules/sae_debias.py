@@ -20,7 +20,6 @@ Equations (numbered here; the paper's could not be read):
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -37,6 +36,7 @@ from core.bias_directions import (
 from core.debias_hook import DebiasHook, EncoderSite
 from core.gender_probe import GenderProbe, bias_of, conditioning
 from core.packaged_models import resolve_model
+from core.run_dir import run_directory
 from core.text_layers import layer_features, layer_module, pool_tokens
 from core.topk_sae import TopKSAE
 
@@ -191,7 +191,7 @@ class SAEDebiasModule(L.LightningModule):
         dm = self.trainer.datamodule
         self.cpu()
         banks = self.build_banks(dm.corpus_dataloader(), dm.professions, seed=dm.hparams.seed)
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        run_dir = run_directory(self.trainer)
         self.sae.save(run_dir / "sae")
         for name, bank in banks.items():
             bank.save(run_dir / "banks" / f"{name}.safetensors")

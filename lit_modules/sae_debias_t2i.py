@@ -11,8 +11,6 @@ cosine schedule), classifier-free guidance by caption dropout, sampling with dif
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -21,6 +19,7 @@ from torch import Tensor
 from core.bias_directions import DirectionBank
 from core.debias_hook import DebiasHook, EncoderSite
 from core.pixel_pipeline import encode_captions, generate, glyph_unet, pixel_pipeline, train_scheduler
+from core.run_dir import run_directory
 from lit_modules.sae_debias import load_text_encoder
 
 
@@ -100,7 +99,7 @@ class GlyphT2IModule(L.LightningModule):
         from lit_modules.sae_debias_plots import plot_grid
 
         hp, dm = self.hparams, self.trainer.datamodule
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        run_dir = run_directory(self.trainer)
         self.unet.save_pretrained(run_dir / "unet")
         self.cpu().eval()
         n = hp.samples_per_profession
