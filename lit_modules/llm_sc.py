@@ -194,9 +194,9 @@ class LLMSCModule(L.LightningModule):
                         self.sums[self._key(system, snr, den)].compute().clamp_min(1)
                     self.log(f"test/{metric}_{system}_snr{snr:g}", value)
                     self.results[metric][system][snr] = float(value)
+        out = run_directory(self.trainer)  # a collective call: every rank
         if self.global_rank == 0:
             hp = self.hparams
-            out = run_directory(self.trainer)
             png = save_snr_curves(self.results, out / "llm_sc_curves.png",
                                   f"{hp.model}, {hp.modulation}, {hp.channel}, beam {hp.beam_width}")
             for logger in self.loggers:
