@@ -121,9 +121,11 @@ class DeepSCModule(L.LightningModule):
         self._draw("test", self._log_epoch("test"))
 
     def _draw(self, split: str, curves: dict[str, dict[str, dict[float, float]]]) -> None:
-        if self.global_rank != 0 or self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
             return
-        out = run_directory(self.trainer)
+        out = run_directory(self.trainer)  # a collective call: every rank
+        if self.global_rank != 0:
+            return
         png = save_snr_curves(curves, out / f"deepsc_{split}_curves.png", f"DeepSC {split}, {self.hparams.channel}", ())
         for logger in self.loggers:
             if hasattr(logger, "log_image"):  # W&B
