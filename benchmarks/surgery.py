@@ -9,9 +9,10 @@ steps; the floor is theta_0 zero-shot, the ceiling the experts. Protocol: transd
 papers (adapt on unlabelled test images, evaluate on them); no hyper-parameter is tuned here (the
 papers' values are used), so no validation split is needed.
 
-Seeds: theta_0 is shared by all seeds (the papers' one public CLIP); each seed re-trains the experts
-(seeded SGD order) and every merge/surgery (AdaMerging's batches, Surgery's W_down init and batches).
-The data splits are fixed (seed 0). Cached theta_0/experts live under ``--work`` in folders named by
+Seeds: theta_0 and the experts are trained once and shared by all seeds, as the papers share one public
+CLIP and its released experts; each seed re-runs every merge and surgery (AdaMerging's batches,
+Surgery's W_down init and batches: the variance the authors report, +-0.5-1 point). The data splits
+are fixed (seed 0). Cached theta_0/experts live under ``--work`` in folders named by
 a hash of what produced them (config files, code, seed, quick); a change makes a new folder.
 
     OMP_NUM_THREADS=1 python benchmarks/surgery.py --out benchmarks/results/surgery.json   # full, ~25 min
@@ -161,8 +162,7 @@ def matched_rank(module: SurgeryModule, rank: int) -> int:
     return round(sum(2 * w * rank for w in widths + [proj]) / (2 * proj))
 
 
-def run_seed(seed: int, theta0: Path, args: argparse.Namespace, data: SurgeryDataModule) -> dict:
-    experts = build_experts(args.work, theta0, seed, args.quick)
+def run_seed(seed: int, theta0: Path, experts: dict[str, str], args: argparse.Namespace, data: SurgeryDataModule) -> dict:
     files = {"model": "vit_tiny_patch16_224", "model_kwargs": VIT, "pretrained_checkpoint": str(theta0),
              "experts": experts, "report": False}
     out: dict = {"seed": seed, "acc_plain": {}, "curves": {}, "seconds": {}, "bias": {}, "adamerging_entropy": {}}
@@ -311,14 +311,15 @@ def main() -> None:
     theta0 = build_theta0(args.work, args.quick)
     data = SurgeryDataModule(tasks=list(TASKS), stage="adapt", batch_size=16, seed=0)
     data.setup()
-    raws = [run_seed(seed, theta0, args, data) for seed in tqdm(seeds, desc="seeds")]
+    experts = build_experts(args.work, theta0, 0, args.quick)
+    raws = [run_seed(seed, theta0, experts, args, data) for seed in tqdm(seeds, desc="seeds")]
     result = aggregate(raws)
     result["settings"] = {"quick": args.quick, "seeds": seeds, "surgery_steps": args.steps,
                           "adamerging_steps": args.adamerging_steps, "eval_every": args.eval_every, "rank": args.rank,
                           "rank_matched": raws[0]["rank_matched"], "batch_per_task": 16, "lr": 1e-3, "tasks": list(TASKS),
                           "vit": VIT, "threads": torch.get_num_threads(), "theta0": theta0.parent.name,
                           "protocol": "transductive: adapt on unlabelled test images and evaluate on them; "
-                                      "theta_0 shared by all seeds, experts and merges re-trained per seed",
+                                      "theta_0 and experts shared by all seeds, merges and surgery re-run per seed",
                           "wall_seconds": time.perf_counter() - start}
     print(f"\nzero-shot {100 * result['acc_zero_shot']['mean']:.1f}  experts {100 * result['acc_experts']['mean']:.1f} "
           f"(train {100 * result['acc_experts_train']['mean']:.1f})")
