@@ -86,8 +86,8 @@ def _images(task: str, size: int, seed: int) -> tuple[Tensor, Tensor, int]:
         glyph_x, glyph_y = _glyphs(sources.glyph_splits(seed)["meta_train"], 40, size, seed)
         mnist_x, mnist_y = _mnist_half(0, size, seed)
         photo_x, photo_y = _photo_crops(1500, size, seed)
-        images = torch.cat([glyph_x, mnist_x, photo_x])
-        labels = torch.cat([glyph_y, mnist_y + 78, photo_y + 88])
+        images, glyphs = torch.cat([glyph_x, mnist_x, photo_x]), int(glyph_y.max()) + 1
+        labels = torch.cat([glyph_y, mnist_y + glyphs, photo_y + glyphs + 10])
         return images, labels, 500
     if task == "photos":
         images, labels = _photo_crops(3000, size, seed)

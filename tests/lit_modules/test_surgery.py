@@ -279,8 +279,9 @@ class SameOnEveryRank(L.Callback):
     """Fails the run if the trained coefficients differ between ranks at the end."""
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        gathered = module.all_gather(module.coefficients.detach())
-        assert torch.equal(gathered[0], gathered[-1]), "coefficients differ across ranks"
+        local = module.coefficients.detach()
+        gathered = module.all_gather(local).reshape(trainer.world_size, *local.shape)
+        assert all(torch.equal(g, local) for g in gathered), "coefficients differ across ranks"
 
 
 @pytest.mark.slow
