@@ -52,12 +52,13 @@ demo-bds: $(STAMP)
 	$(PY) train.py fit --config configs/bds/demo.yaml --config configs/bds/demo_neural.yaml
 	$(PY) train.py fit --config configs/bds/demo.yaml --config configs/bds/demo_neural_transfer.yaml
 
-# Model merging: pre-train theta_0, fine-tune 4 experts, evaluate the plain task-arithmetic merge,
-# then SurgeryV2 and Surgery V1 on it. One thread per process is fastest on small CPU models.
+# Model merging: pre-train theta_0 broadly, fine-tune 6 experts, evaluate the plain task-arithmetic
+# merge, then SurgeryV2 and Surgery V1 on it (each writes export/ with weights, card and figures under
+# its run directory). One thread per process is fastest on small CPU models.
 demo-surgery: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo_pretrain.yaml
 	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo_expert.yaml
-	for t in rotation digits lfw; do \
+	for t in glyphs_b glyphs_c glyphs_d rotation digits; do \
 	  OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo_expert.yaml \
 	    --config configs/surgery/demo_expert_$$t.yaml || exit 1; done
 	OMP_NUM_THREADS=1 $(PY) train.py validate --config configs/surgery/demo.yaml

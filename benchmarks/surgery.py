@@ -1,176 +1,341 @@
-"""The Surgery/SurgeryV2 papers' table on the offline demo suite, every number measured in this process.
+"""The Surgery/SurgeryV2 papers' table on the offline demo suite, in the papers' regime, over seeds.
 
-Builds the demo suite through the demo configs (theta_0 pre-trained on MNIST, experts fine-tuned on
-photos / rotation / digits / LFW), then for every merge - weight averaging, task arithmetic (0.3),
-TIES (20 %, dis-sum, 0.3), task-wise and layer-wise AdaMerging - evaluates the plain merged model,
-Surgery (V1) and SurgeryV2, each trained with the same steps, and the individual experts.
+theta_0 is pre-trained broadly (100 classes: glyphs, MNIST digits, photo crops; ``demo_pretrain.yaml``),
+six experts are fine-tuned from it with frozen orthonormal class-mean heads (``demo_expert*.yaml``),
+and every merge - weight averaging, task arithmetic (0.3), TIES (20 %, dis-sum, 0.3), task-wise and
+layer-wise AdaMerging - is evaluated plain, with Surgery V1 (rank 16, faithful), with V1 at V2's
+parameter count (``rank_matched``) and with SurgeryV2 (rank 16), every variant trained for the same
+steps; the floor is theta_0 zero-shot, the ceiling the experts. Protocol: transductive, as in the
+papers (adapt on unlabelled test images, evaluate on them); no hyper-parameter is tuned here (the
+papers' values are used), so no validation split is needed.
 
-    OMP_NUM_THREADS=1 python benchmarks/surgery.py --out benchmarks/results/surgery.json  # full (~7 min)
-    OMP_NUM_THREADS=1 python benchmarks/surgery.py --quick --out /tmp/surgery_quick.json  # smoke run
+Seeds: theta_0 and the experts are trained once and shared by all seeds, as the papers share one public
+CLIP and its released experts; each seed re-runs every merge and surgery (AdaMerging's batches,
+Surgery's W_down init and batches: the variance the authors report, +-0.5-1 point). The data splits
+are fixed (seed 0). Cached theta_0/experts live under ``--work`` in folders named by
+a hash of what produced them (config files, code, seed, quick); a change makes a new folder.
 
-On a machine shared with other jobs keep ``OMP_NUM_THREADS=1``: with 2 threads on 2 busy cores the
-run was over 10x slower (thread oversubscription).
+    OMP_NUM_THREADS=1 python benchmarks/surgery.py --out benchmarks/results/surgery.json   # full, ~25 min
+    OMP_NUM_THREADS=1 python benchmarks/surgery.py --quick --out /tmp/surgery_quick.json   # smoke run
 
-Keys of the JSON: ``acc`` (method -> variant -> average accuracy), ``acc_individual``,
-``acc_per_task`` (method -> variant -> task -> accuracy), ``gap_closed_surgery`` and
-``gap_closed_surgeryv2`` ((acc_variant - acc_plain) / (acc_individual - acc_plain) per method),
-``train_seconds`` and ``time_relative_to_adamerging`` (Surgery/SurgeryV2 training time over
-layer-wise AdaMerging's), ``settings``.
+Keys of the JSON (accuracies as fractions, ``{mean, std}`` over seeds): ``acc_zero_shot``,
+``acc_experts``, ``acc_plain[m]``, ``acc_surgery[m]``, ``acc_surgery_matched[m]``, ``acc_surgeryv2[m]``
+for ``m`` in ``wa, ta, ties, adamerging_task, adamerging_layer``; ``gap_closed_<variant>[m]`` =
+(acc_variant - acc_plain) / (acc_experts - acc_plain); ``curves`` (accuracy every ``--eval-every``
+steps); ``adamerging_entropy`` (init/end); ``checks`` (regime, experts' fit, targets); ``settings``.
+Per-seed outputs go to ``<out>_raw.json``; figures (curves, per-layer bias, table) next to the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import train  # noqa: E402
 from core.timm_models import export_weights  # noqa: E402
 from datamodules.surgery import SurgeryDataModule  # noqa: E402
-from lit_modules.surgery import AdaMergingModule, SurgeryModule  # noqa: E402
+from datamodules.surgery_tasks import DEMO_EXPERT_TASKS  # noqa: E402
+from lit_modules.surgery import SurgeryModule  # noqa: E402
+from lit_modules.surgery_adamerging import AdaMergingModule  # noqa: E402
+from lit_modules.surgery_parts import entropy  # noqa: E402
+from lit_modules.surgery_report import plot_bias, plot_table  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "surgery"
-TASKS = ("photos", "rotation", "digits", "lfw")
-VIT = {"img_size": 32, "patch_size": 8, "in_chans": 1, "num_classes": 48, "embed_dim": 96, "depth": 4, "num_heads": 3}
-METHODS = ("weight_average", "task_arithmetic", "ties", "adamerging_task", "adamerging_layer")
-VARIANTS = ("plain", "surgery", "surgeryv2")
-
-
-def build_suite(work: Path, quick: bool, retrain: bool) -> dict:
-    """theta_0 and the 4 experts via the demo configs (reused from ``work`` unless ``retrain``)."""
-    quiet = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-             f"--trainer.default_root_dir={work}"]
-    pre = work / "pretrained.safetensors"
-    if retrain or not pre.is_file():
-        epochs = ["--trainer.max_epochs=3"] if quick else []
-        train.cli_main(["fit", "--config", str(CONFIGS / "demo_pretrain.yaml"), f"--model.init_args.export_path={pre}",
-                        *quiet, *epochs])
-    experts = {}
-    for task in TASKS:
-        out = work / "experts" / f"{task}.safetensors"
-        if retrain or not out.is_file():
-            overlay = [] if task == "photos" else ["--config", str(CONFIGS / f"demo_expert_{task}.yaml")]
-            epochs = ["--trainer.max_epochs=2"] if quick else []
-            train.cli_main(["fit", "--config", str(CONFIGS / "demo_expert.yaml"), *overlay,
-                            f"--model.init_args.checkpoint={pre}", f"--model.init_args.export_path={out}", *quiet, *epochs])
-        experts[task] = str(out)
-    return {"model": "vit_tiny_patch16_224", "model_kwargs": VIT, "pretrained_checkpoint": str(pre), "experts": experts}
+CONFIGS = REPO / "configs" / "surgery"
+TASKS = DEMO_EXPERT_TASKS
+VIT = {"img_size": 32, "patch_size": 8, "in_chans": 1, "num_classes": 48, "embed_dim": 64, "depth": 4, "num_heads": 2}
+MERGES = {"wa": "weight_average", "ta": "task_arithmetic", "ties": "ties", "adamerging_task": "task",
+          "adamerging_layer": "layer"}
+VARIANTS = ("surgery", "surgery_matched", "surgeryv2")
+# what theta_0 and the experts are made by: a change to any of these files gives a new cache folder
+SOURCES = ("lit_modules/surgery_expert.py", "lit_modules/surgery_parts.py", "datamodules/surgery.py",
+           "datamodules/surgery_tasks.py", "datamodules/sources/glyphs.py", "datamodules/sources/glyph_classes.py",
+           "datamodules/sources/glyph_fonts.py", "datamodules/sources/images.py", "core/timm_models.py", "train.py")
+QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
-def trainer(steps: int) -> L.Trainer:
+def stage_key(*parts: object, files: tuple[str, ...] = ()) -> str:
+    """Hash of the arguments and of the named files' contents: the name of a cached stage's folder."""
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode())
+    for name in files:
+        digest.update((REPO / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def cached_stage(folder: Path, produce) -> Path:
+    """Run ``produce(folder)`` unless ``folder`` holds a finished run (its ``done.json``)."""
+    if not (folder / "done.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        produce(folder)
+        (folder / "done.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return folder
+
+
+def build_theta0(work: Path, quick: bool) -> Path:
+    config = CONFIGS / "demo_pretrain.yaml"
+    epochs = ["--trainer.max_epochs=1"] if quick else []
+    key = stage_key("theta0", epochs, files=("configs/surgery/demo_pretrain.yaml", *SOURCES))
+    folder = cached_stage(work / f"theta0-{key}", lambda f: train.cli_main(
+        ["fit", "--config", str(config), f"--model.init_args.export_path={f / 'pretrained.safetensors'}",
+         f"--trainer.default_root_dir={f}", *QUIET, *epochs]))
+    return folder / "pretrained.safetensors"
+
+
+def build_experts(work: Path, theta0: Path, seed: int, quick: bool) -> dict[str, str]:
+    steps = ["--trainer.max_steps=20"] if quick else []
+    configs = ["configs/surgery/demo_expert.yaml"] + [f"configs/surgery/demo_expert_{t}.yaml" for t in TASKS[1:]]
+    key = stage_key("experts", theta0.parent.name, seed, steps, files=(*configs, *SOURCES))
+
+    def produce(folder: Path) -> None:
+        for task in TASKS:
+            overlay = [] if task == TASKS[0] else ["--config", str(CONFIGS / f"demo_expert_{task}.yaml")]
+            train.cli_main(["fit", "--config", str(CONFIGS / "demo_expert.yaml"), *overlay, f"--seed_everything={seed}",
+                            f"--model.init_args.checkpoint={theta0}", f"--model.init_args.export_path={folder / task}.safetensors",
+                            f"--trainer.default_root_dir={folder}", *QUIET, *steps])
+
+    folder = cached_stage(work / f"experts-{key}", produce)
+    return {t: str(folder / f"{t}.safetensors") for t in TASKS}
+
+
+class Curve(Callback):
+    """Records ``val/acc`` (mean over tasks) at every validation, keyed by the global step."""
+
+    def __init__(self) -> None:
+        self.points: dict[int, float] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.points[trainer.global_step] = float(trainer.callback_metrics["val/acc"])
+
+
+def trainer(steps: int, eval_every: int | None = None, callbacks: list | None = None) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False, enable_progress_bar=False,
-                     enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+                     enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=1.0 if eval_every else 0, val_check_interval=eval_every,
+                     check_val_every_n_epoch=None, callbacks=callbacks or [])
 
 
-def fit(module: L.LightningModule, data: SurgeryDataModule, steps: int) -> float:
-    start = time.perf_counter()
-    trainer(steps).fit(module, datamodule=data)
-    return time.perf_counter() - start
-
-
-def evaluate(module: L.LightningModule, data: SurgeryDataModule) -> dict[str, float]:
-    runner = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    results = runner.validate(module, datamodule=data, verbose=False)
-    return {t: float(results[i][f"val/acc_{t}"]) for i, t in enumerate(TASKS)}
+def per_task(report: dict, name: str) -> dict[str, float]:
+    return {t: r[name]["acc"] for t, r in report.items()}
 
 
 @torch.no_grad()
-def individual(module: SurgeryModule, data: SurgeryDataModule) -> dict[str, float]:
-    """Each expert with its own head on its own task's labelled test images."""
-    accs = {}
-    for i, (task, loader) in enumerate(zip(TASKS, data.val_dataloader())):
-        hits = total = 0
-        for batch in loader:
-            pred = module.heads(module.experts[i](batch["image"]), task).argmax(-1)
-            hits += int((pred == batch["label"]).sum())
-            total += len(pred)
-        accs[task] = hits / total
-    return accs
+def mean_entropy(module: AdaMergingModule, data: SurgeryDataModule) -> float:
+    """AdaMerging's objective on every test image: mean over tasks of the mean prediction entropy."""
+    params = {k: v.detach() for k, v in module.merged_params().items()}
+    values = []
+    for loader in data.val_dataloader():
+        batches = [(entropy(module.heads(module._represent(b["image"], params), b["task"][0])), len(b["image"]))
+                   for b in loader]
+        values.append(sum(e * n for e, n in batches) / sum(n for _, n in batches))
+    return float(torch.stack(values).mean())
+
+
+@torch.no_grad()
+def train_accuracy(module: SurgeryModule, data: SurgeryDataModule) -> dict[str, float]:
+    """Each expert on its own task's training images (does it fit its task?)."""
+    out = {}
+    for i, task in enumerate(module.tasks):
+        x, y = data.splits[task]["train"]["labelled"].images, data.splits[task]["train"]["labelled"].labels
+        out[task] = float((module.heads(module.experts[i](x), task).argmax(-1) == y).float().mean())
+    return out
+
+
+def matched_rank(module: SurgeryModule, rank: int) -> int:
+    """V1's rank with V2's parameters per task: (sum_b 2 w_b r + 2 p r) / (2 p) (SurgeryV2's own V1 baseline)."""
+    widths, proj = module._widths()
+    return round(sum(2 * w * rank for w in widths + [proj]) / (2 * proj))
+
+
+def run_seed(seed: int, theta0: Path, experts: dict[str, str], args: argparse.Namespace, data: SurgeryDataModule) -> dict:
+    files = {"model": "vit_tiny_patch16_224", "model_kwargs": VIT, "pretrained_checkpoint": str(theta0),
+             "experts": experts, "report": False}
+    out: dict = {"seed": seed, "acc_plain": {}, "curves": {}, "seconds": {}, "bias": {}, "adamerging_entropy": {}}
+    for v in VARIANTS:
+        out[f"acc_{v}"] = {}
+    probe = SurgeryModule(**files, merge="weight_average", version="v2", rank=args.rank)
+    rank_matched = matched_rank(probe, args.rank)
+    zero_shot = SurgeryModule(**files, merge="task_arithmetic", scaling=0.0, version="v1")  # theta_0 exactly
+    out["acc_experts_train"] = train_accuracy(zero_shot, data)
+    zero = zero_shot.representation_report(data.val_dataloader())
+    out["acc_zero_shot"], out["acc_experts"] = per_task(zero, "plain"), per_task(zero, "expert")
+    for name, merge in tqdm(MERGES.items(), desc=f"seed {seed}", leave=False):
+        if name.startswith("adamerging"):
+            L.seed_everything(seed, verbose=False)
+            ada = AdaMergingModule(**{k: v for k, v in files.items() if k != "report"}, granularity=merge, lr=1e-3)
+            before = mean_entropy(ada, data)
+            start = time.perf_counter()
+            trainer(args.adamerging_steps).fit(ada, datamodule=data)
+            out["seconds"][name] = time.perf_counter() - start
+            out["adamerging_entropy"][name] = {"init": before, "end": mean_entropy(ada, data)}
+            path = args.work / "merges" / f"seed{seed}-{name}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_weights(ada.merged_encoder(), path)
+            merge_args = {"merge": "checkpoint", "merged_checkpoint": str(path)}
+        else:
+            merge_args = {"merge": merge}
+        reports = {}
+        for variant, version, rank in (("surgery", "v1", args.rank), ("surgery_matched", "v1", rank_matched),
+                                       ("surgeryv2", "v2", args.rank)):
+            L.seed_everything(seed, verbose=False)
+            module = SurgeryModule(**files, **merge_args, version=version, rank=rank, lr=1e-3)
+            if variant == "surgery":  # step 0 is the plain merge (W_up = 0)
+                reports["plain"] = module.representation_report(data.val_dataloader())
+                out["acc_plain"][name] = per_task(reports["plain"], "plain")
+            curve = Curve()
+            start = time.perf_counter()
+            trainer(args.steps, args.eval_every, [curve]).fit(module, datamodule=data)
+            out["seconds"][f"{name}/{variant}"] = time.perf_counter() - start
+            reports[variant] = module.representation_report(data.val_dataloader())
+            out[f"acc_{variant}"][name] = per_task(reports[variant], "corrected")
+            out["curves"].setdefault(name, {})[variant] = {0: mean(out["acc_plain"][name]), **curve.points}
+        out["bias"][name] = {"plain": mean_levels(reports["plain"], "plain"),
+                             **{v: mean_levels(reports[v], "corrected") for v in VARIANTS}}
+    out["rank_matched"] = rank_matched
+    return out
 
 
 def mean(values: dict[str, float]) -> float:
     return sum(values.values()) / len(values)
 
 
+def mean_levels(report: dict, name: str) -> list[float]:
+    return [sum(v) / len(report) for v in zip(*(r[name]["bias"] for r in report.values()))]
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def aggregate(raws: list[dict]) -> dict:
+    """Means and stds over seeds of every average accuracy, gaps closed, curves and checks."""
+    avg = lambda raw, key, m=None: mean(raw[key] if m is None else raw[key][m])  # noqa: E731
+    result: dict = {"acc_zero_shot": stats([avg(r, "acc_zero_shot") for r in raws]),
+                    "acc_experts": stats([avg(r, "acc_experts") for r in raws]),
+                    "acc_experts_train": stats([avg(r, "acc_experts_train") for r in raws])}
+    for key in ("acc_plain", *(f"acc_{v}" for v in VARIANTS)):
+        result[key] = {m: stats([avg(r, key, m) for r in raws]) for m in MERGES}
+    for v in VARIANTS:
+        result[f"gap_closed_{v}"] = {m: statistics.fmean(
+            (avg(r, f"acc_{v}", m) - avg(r, "acc_plain", m)) / (avg(r, "acc_experts") - avg(r, "acc_plain", m))
+            for r in raws) for m in MERGES}
+    steps = sorted(raws[0]["curves"]["ta"]["surgery"])
+    result["curves"] = {m: {v: {str(s): statistics.fmean(r["curves"][m][v][s] for r in raws) for s in steps}
+                            for v in VARIANTS} for m in MERGES}
+    result["adamerging_entropy"] = {m: {w: stats([r["adamerging_entropy"][m][w] for r in raws]) for w in ("init", "end")}
+                                    for m in ("adamerging_task", "adamerging_layer")}
+    margin = [avg(r, "acc_plain", "ta") - avg(r, "acc_zero_shot") for r in raws]
+    result["checks"] = {
+        "regime_ta_beats_zero_shot_by_5_points": all(x >= 0.05 for x in margin),
+        "ta_minus_zero_shot_per_seed": margin,
+        "experts_fit_train_95": all(min(r["acc_experts_train"].values()) >= 0.95 for r in raws),
+        "experts_min_train_acc": min(min(r["acc_experts_train"].values()) for r in raws),
+        "surgery_ge_plain_every_merge": all(result["acc_surgery"][m]["mean"] >= result["acc_plain"][m]["mean"] for m in MERGES),
+        "v2_gt_v1_every_merge": all(result["acc_surgeryv2"][m]["mean"] > result["acc_surgery"][m]["mean"] for m in MERGES),
+        "target_v2_closes_80pct_every_merge": all(result["gap_closed_surgeryv2"][m] >= 0.8 for m in MERGES),
+        "target_v1_closes_40pct_every_merge": all(result["gap_closed_surgery"][m] >= 0.4 for m in MERGES),
+    }
+    return result
+
+
+def draw(result: dict, raws: list[dict], stem: Path) -> list[str]:
+    """Curves (accuracy vs step per merge), per-layer bias (merged vs + V1 vs + V2, task arithmetic), the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(MERGES), figsize=(3.2 * len(MERGES), 3), sharey=True)
+    for ax, m in zip(axes, MERGES):
+        for v in VARIANTS:
+            points = result["curves"][m][v]
+            ax.plot([int(s) for s in points], [100 * a for a in points.values()], marker="o", label=v)
+        ax.axhline(100 * result["acc_experts"]["mean"], ls="--", c="k", lw=0.8, label="experts")
+        ax.axhline(100 * result["acc_zero_shot"]["mean"], ls=":", c="gray", lw=0.8, label="zero-shot")
+        ax.set_title(m)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("mean test accuracy (%)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    curves = stem.with_name(stem.name + "_curves.png")
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    bias = {label: [statistics.fmean(r["bias"]["ta"][key][i] for r in raws) for i in range(len(raws[0]["bias"]["ta"][key]))]
+            for label, key in (("merged (TA)", "plain"), ("+ Surgery V1", "surgery"), ("+ V1 matched", "surgery_matched"),
+                               ("+ SurgeryV2", "surgeryv2"))}
+    bias_png = plot_bias(bias, stem.with_name(stem.name + "_bias.png"), "representation bias per layer (task arithmetic)")
+    columns = {"plain": "acc_plain", "+ Surgery r16": "acc_surgery", "+ Surgery matched": "acc_surgery_matched",
+               "+ SurgeryV2 r16": "acc_surgeryv2"}
+    table = {m: {c: 100 * result[key][m]["mean"] for c, key in columns.items()} for m in MERGES}
+    table["zero-shot"] = {"plain": 100 * result["acc_zero_shot"]["mean"]}
+    table["experts"] = {"plain": 100 * result["acc_experts"]["mean"]}
+    table_png = plot_table(table, stem.with_name(stem.name + "_table.png"), f"mean test accuracy (%), {len(raws)} seeds")
+    return [str(p) for p in (curves, bias_png, table_png)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few steps and epochs: a smoke run of about a minute")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--work", type=Path, default=None, help="where theta_0/experts are kept (runs/surgery/bench[_quick])")
-    parser.add_argument("--retrain", action="store_true", help="re-train theta_0 and the experts even if present")
-    parser.add_argument("--steps", type=int, default=None, help="surgery steps per task (default 1000; quick 40)")
-    parser.add_argument("--adamerging-steps", type=int, default=None, help="AdaMerging steps (default 500; quick 20)")
-    parser.add_argument("--rank", type=int, default=16, help="rank of every surgery module")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="1 seed, few steps and epochs: a smoke run")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (raw and figures beside)")
+    parser.add_argument("--work", type=Path, default=None, help="cache of theta_0/experts (runs/surgery/bench[_quick])")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="surgery steps, one batch of 16 per task each (150; quick 20)")
+    parser.add_argument("--adamerging-steps", type=int, default=None, help="AdaMerging steps (100; quick 10)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between curve points (50; quick 10)")
+    parser.add_argument("--rank", type=int, default=16, help="rank of Surgery V1 and of every V2 module")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     args = parser.parse_args()
-    steps = args.steps or (40 if args.quick else 1000)
-    ada_steps = args.adamerging_steps or (20 if args.quick else 500)
-    work = args.work or Path("runs/surgery/bench_quick" if args.quick else "runs/surgery/bench")
+    torch.set_num_threads(args.threads)
+    args.steps = args.steps or (20 if args.quick else 150)
+    args.adamerging_steps = args.adamerging_steps or (10 if args.quick else 100)
+    args.eval_every = args.eval_every or (10 if args.quick else 50)
+    args.work = args.work or REPO / ("runs/surgery/bench_quick" if args.quick else "runs/surgery/bench")
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
 
-    L.seed_everything(args.seed, verbose=False)
-    files = build_suite(work, args.quick, args.retrain)
-    data = SurgeryDataModule(tasks=list(TASKS), stage="adapt", batch_size=16, seed=args.seed)
+    start = time.perf_counter()
+    theta0 = build_theta0(args.work, args.quick)
+    data = SurgeryDataModule(tasks=list(TASKS), stage="adapt", batch_size=16, seed=0)
     data.setup()
-    acc, per_task, seconds = {}, {}, {}
-    merges = {}
-    for method in tqdm(METHODS, desc="merges"):
-        if method.startswith("adamerging"):
-            L.seed_everything(args.seed, verbose=False)
-            ada = AdaMergingModule(**files, granularity=method.removeprefix("adamerging_"), lr=1e-3)
-            seconds[method] = fit(ada, data, ada_steps)
-            path = work / f"{method}.safetensors"
-            export_weights(ada.merged_encoder(), path)
-            merges[method] = {"merge": "checkpoint", "merged_checkpoint": str(path)}
-        else:
-            merges[method] = {"merge": method}
-        per_task[method] = {}
-        for variant in tqdm(VARIANTS, desc=method, leave=False):
-            L.seed_everything(args.seed, verbose=False)
-            module = SurgeryModule(**files, **merges[method], version="v2" if variant == "surgeryv2" else "v1",
-                                   rank=args.rank, lr=1e-3)
-            if variant != "plain":
-                seconds[f"{method}/{variant}"] = fit(module, data, steps)
-            elif "individual" not in per_task:
-                per_task["individual"] = individual(module, data)
-            per_task[method][variant] = evaluate(module, data)
-        acc[method] = {v: mean(per_task[method][v]) for v in VARIANTS}
-
-    acc_individual = mean(per_task["individual"])
-    # undefined (None) where the merge is already within 1 point of the experts: nothing to close
-    gap = {v: {m: (acc[m][v] - acc[m]["plain"]) / (acc_individual - acc[m]["plain"])
-               if acc_individual - acc[m]["plain"] > 0.01 else None for m in METHODS} for v in ("surgery", "surgeryv2")}
-    relative = {v: {m: seconds[f"{m}/{v}"] / seconds["adamerging_layer"] for m in METHODS} for v in ("surgery", "surgeryv2")}
-    result = {
-        "acc": acc, "acc_individual": acc_individual, "acc_per_task": per_task,
-        "gap_closed_surgery": gap["surgery"], "gap_closed_surgeryv2": gap["surgeryv2"],
-        "train_seconds": seconds, "time_relative_to_adamerging": relative,
-        "settings": {"quick": args.quick, "surgery_steps_per_task": steps, "adamerging_steps": ada_steps,
-                     "rank": args.rank, "batch_per_task": 16, "lr": 1e-3, "tasks": list(TASKS), "vit": VIT,
-                     "threads": torch.get_num_threads(), "protocol": "transductive: adapt and evaluate on test split"},
-    }
-    print(f"\n{'method':18s} {'plain':>7s} {'surgery':>8s} {'surgeryv2':>9s} {'gap V1':>7s} {'gap V2':>7s}")
-    for m in METHODS:
-        print(f"{m:18s} {acc[m]['plain']:7.3f} {acc[m]['surgery']:8.3f} {acc[m]['surgeryv2']:9.3f} "
-              f"{gap['surgery'][m] if gap['surgery'][m] is not None else float('nan'):7.2f} "
-              f"{gap['surgeryv2'][m] if gap['surgeryv2'][m] is not None else float('nan'):7.2f}")
-    print(f"{'individual':18s} {acc_individual:7.3f}")
-    print("per task individual:", {t: round(a, 3) for t, a in per_task["individual"].items()})
-    print("train seconds:", {k: round(v, 1) for k, v in seconds.items()})
+    experts = build_experts(args.work, theta0, 0, args.quick)
+    raws = [run_seed(seed, theta0, experts, args, data) for seed in tqdm(seeds, desc="seeds")]
+    result = aggregate(raws)
+    result["settings"] = {"quick": args.quick, "seeds": seeds, "surgery_steps": args.steps,
+                          "adamerging_steps": args.adamerging_steps, "eval_every": args.eval_every, "rank": args.rank,
+                          "rank_matched": raws[0]["rank_matched"], "batch_per_task": 16, "lr": 1e-3, "tasks": list(TASKS),
+                          "vit": VIT, "threads": torch.get_num_threads(), "theta0": theta0.parent.name,
+                          "protocol": "transductive: adapt on unlabelled test images and evaluate on them; "
+                                      "theta_0 and experts shared by all seeds, merges and surgery re-run per seed",
+                          "wall_seconds": time.perf_counter() - start}
+    print(f"\nzero-shot {100 * result['acc_zero_shot']['mean']:.1f}  experts {100 * result['acc_experts']['mean']:.1f} "
+          f"(train {100 * result['acc_experts_train']['mean']:.1f})")
+    print(f"{'merge':17s} {'plain':>11s} {'surgery':>11s} {'matched':>11s} {'v2':>11s} {'gap v1':>6s} {'gap v2':>6s}")
+    for m in MERGES:
+        cells = " ".join(f"{100 * result[k][m]['mean']:5.1f}+-{100 * result[k][m]['std']:3.1f}"
+                         for k in ("acc_plain", "acc_surgery", "acc_surgery_matched", "acc_surgeryv2"))
+        print(f"{m:17s} {cells} {result['gap_closed_surgery'][m]:6.2f} {result['gap_closed_surgeryv2'][m]:6.2f}")
+    print("checks:", json.dumps(result["checks"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        stem = args.out.with_suffix("")
+        result["figures"] = [Path(p).name for p in draw(result, raws, stem)]
+        args.out.write_text(json.dumps(result, indent=1))
+        stem.with_name(stem.name + "_raw.json").write_text(json.dumps(raws, indent=1))
+        print(f"wrote {args.out}, {stem.name}_raw.json and {', '.join(result['figures'])}")
 
 
 if __name__ == "__main__":

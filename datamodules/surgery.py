@@ -2,7 +2,7 @@
 
 Two kinds of loaders:
 - ``stage: finetune`` — labelled training batches of the task(s), to pre-train the backbone and to
-  fine-tune one expert per task (``tasks: [mnist]``);
+  fine-tune one expert per task (``tasks: [broad]``, ``tasks: [digits]``);
 - ``stage: adapt`` — AdaMerging and Surgery adapt on **unlabelled** images of every task at once
   (a ``CombinedLoader`` of ``{task: loader}``; each batch ``{task: {"image", "index", "task"}}``) and
   are evaluated on the labelled images, one validation loader per task. The papers adapt on the test
@@ -12,12 +12,11 @@ Two kinds of loaders:
 Every sample carries its task name (``task``) and its index in the split (``index``: the key of the
 frozen-model feature caches).
 
-Demo tasks (offline, real data from ``datamodules.sources``, gray 32x32): ``mnist`` (the digit classes
-of one half of MNIST-5k; the pre-training task), ``photos`` (which of the 12 scikit-image/scikit-learn
-photographs a random crop comes from), ``rotation`` (the rotation, 0/90/180/270 degrees, of the other
-half's digits), ``digits`` (scikit-learn's 8x8 digits upsampled) and ``lfw`` (faces vs non-faces). Paper tasks
-(SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD) are read from ``root/<Task>/{train,test}/
-<class>/*`` image folders with CLIP's preprocessing; nothing is downloaded.
+Demo tasks (offline, real data, gray 32x32; :mod:`datamodules.surgery_tasks`): ``broad`` pre-trains
+theta_0 (100 classes of glyphs, MNIST digits and photo crops); six expert tasks with labels theta_0
+never saw (``glyphs_a``-``glyphs_d``, ``rotation``, ``digits``). Paper tasks (SUN397, Cars, RESISC45,
+EuroSAT, SVHN, GTSRB, MNIST, DTD) are read from ``root/<Task>/{train,test}/<class>/*`` image folders with
+CLIP's preprocessing; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -27,13 +26,12 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-DEMO_TASKS = ("photos", "mnist", "rotation", "digits", "lfw")
-DEMO_EXPERT_TASKS = ("photos", "rotation", "digits", "lfw")  # merged in the demo (mnist pre-trains theta_0)
+from datamodules.surgery_tasks import DEMO_EXPERT_TASKS, demo_task
+
 PAPER_TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -68,72 +66,14 @@ class TaskDataset(Dataset):
         return item
 
 
-def _split(n: int, test: int, seed: int) -> tuple[Tensor, Tensor]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[test:].sort().values, order[:test].sort().values
-
-
-def _resize(images: Tensor, size: int) -> Tensor:
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-
-
-def _photo_crops(count: int, size: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Random square crops (gray, side 48-160 px, resized to ``size``) of 12 real photographs; label = photo."""
-    from datamodules import sources
-
-    photos = list(sources.skimage_photos().values()) + list(sources.sklearn_photos().values())
-    gen = torch.Generator().manual_seed(seed)
-    images, labels = [], []
-    for i in range(count):
-        label = i % len(photos)
-        photo = photos[label].mean(0, keepdim=True)
-        side = int(torch.randint(48, min(161, *photo.shape[1:]), (1,), generator=gen))
-        y = int(torch.randint(0, photo.shape[1] - side + 1, (1,), generator=gen))
-        x = int(torch.randint(0, photo.shape[2] - side + 1, (1,), generator=gen))
-        images.append(_resize(photo[None, :, y : y + side, x : x + side], size)[0])
-        labels.append(label)
-    return torch.stack(images), torch.tensor(labels)
-
-
-def demo_task(task: str, size: int = 32, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{"train": (images, labels), "test": (images, labels)}`` of one offline demo task, images in [0, 1]."""
-    from datamodules import sources
-
-    if task == "photos":
-        images, labels = _photo_crops(3000, size, seed)
-        test = 500
-    elif task in ("mnist", "rotation"):
-        images, labels = sources.mnist5k()
-        half = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-        # disjoint halves of MNIST-5k: digit classes on one, rotations of the other
-        idx = half[:2500] if task == "mnist" else half[2500:]
-        images, labels = _resize(images[idx], size), labels[idx]
-        if task == "rotation":
-            labels = torch.randint(0, 4, (len(idx),), generator=torch.Generator().manual_seed(seed + 1))
-            images = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(images, labels)])
-        test = 500
-    elif task == "digits":
-        images, labels = sources.sklearn_digits()
-        images, test = _resize(images, size), 500
-    elif task == "lfw":
-        images, labels = sources.lfw_subset()
-        images, test = _resize(images, size), 80
-    else:
-        raise ValueError(f"data.init_args.tasks: unknown demo task {task!r}; choose from {list(DEMO_TASKS)} "
-                         f"or set data.init_args.root for {list(PAPER_TASKS)}")
-    train, test_idx = _split(len(labels), test, seed)
-    return {"train": (images[train], labels[train]), "test": (images[test_idx], labels[test_idx])}
-
-
 class SurgeryDataModule(L.LightningDataModule):
     """Labelled and unlabelled loaders for several tasks (demo tasks offline, paper tasks from image folders).
 
     Args:
-        tasks: task names, in order: demo tasks (``photos``, ``mnist``, ``rotation``, ``digits``,
-            ``lfw``) or, with ``root``, folder names under it (``SUN397``, ``Cars``, ...). Default: the
-            demo's four expert tasks (all but ``mnist``, which pre-trains theta_0).
+        tasks: task names, in order: demo tasks (``broad``, ``glyphs_a``-``glyphs_d``, ``rotation``,
+            ``digits``, ``mnist``, ``photos``, ``lfw``; see :mod:`datamodules.surgery_tasks`) or, with
+            ``root``, folder names under it (``SUN397``, ``Cars``, ...). Default: the demo's six expert
+            tasks.
         stage: ``finetune`` serves labelled training batches of ``tasks``; ``adapt`` serves unlabelled
             batches of every task at once for AdaMerging/Surgery.
         root: directory with ``<Task>/train`` and ``<Task>/test`` image folders (paper tasks); None

@@ -32,20 +32,21 @@ from torch import Tensor, nn
 
 from core import merging
 from core.block_hooks import block_widths, edited_blocks, find_blocks
-from core.timm_models import create_model, export_weights
+from core.timm_models import create_model
 from lit_modules.surgery_parts import (
     FeatureCache,
     LowRankCorrection,
     TaskHeads,
     drop_frozen,
-    entropy,
     freeze,
     load_task_models,
     log_mean_accuracy,
     probe_input,
     restore_frozen,
     task_accuracies,
+    tower_hashes,
 )
+from lit_modules.surgery_report import write_report
 
 
 def merged_state(pretrained: dict[str, Tensor], experts: list[dict[str, Tensor]], merge: str, scaling: float,
@@ -86,6 +87,9 @@ class SurgeryModule(L.LightningModule):
         lr: Adam learning rate (1e-3 in the papers).
         cache_features: cache the frozen models' outputs per image (expert targets, and the merged
             representation for V1): exact because nothing is augmented; turn off for augmented data.
+        report: at the end of ``fit`` write, under the run directory's ``export/``, the merged encoder and
+            the trained surgery modules (safetensors), a model card, and two figures (per-layer
+            representation bias and per-task accuracy of plain merge, corrected merge and experts).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class SurgeryModule(L.LightningModule):
         correct: Literal["projected", "normalized"] = "projected",
         lr: float = 1e-3,
         cache_features: bool = True,
+        report: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -135,6 +140,11 @@ class SurgeryModule(L.LightningModule):
         })
         self.acc = task_accuracies(head_weights)
         self._cache: dict[tuple[str, str], FeatureCache] = {}
+        towers = {"model.init_args.pretrained_checkpoint": base,
+                  **{f"model.init_args.experts.{t}": state for t, state in states.items()}}
+        if merge == "checkpoint":
+            towers["model.init_args.merged_checkpoint"] = self.merged.state_dict()
+        self._hashes = tower_hashes(towers)
 
     @property
     def _deep(self) -> bool:
@@ -152,14 +162,18 @@ class SurgeryModule(L.LightningModule):
     def _final(self, z: Tensor) -> Tensor:
         return F.normalize(z, dim=-1) if self.hparams.correct == "normalized" else z
 
-    def _levels(self, encoder: nn.Module, images: Tensor, task: str | None) -> list[Tensor]:
-        """Token means after every block (V2) and the final representation, corrected for ``task`` if given."""
+    def _levels(self, encoder: nn.Module, images: Tensor, task: str | None, blocks: bool | None = None) -> list[Tensor]:
+        """Token means after every block and the final representation, corrected for ``task`` if given.
+
+        ``blocks`` (default: V2 only) records the block levels; V1 never edits them, so its block
+        levels are the plain merge's.
+        """
         levels: list[Tensor] = []
-        if not self._deep:
+        if not (self._deep if blocks is None else blocks):
             return [self._correct(task, self._final(encoder(images)))]
 
         def edit(index: int, hidden: Tensor) -> Tensor:
-            if task is not None:
+            if task is not None and self._deep:
                 hidden = hidden - self.surgery[task][index](hidden)  # Eq. (S4), on every token
             levels.append(hidden.mean(1))
             return hidden
@@ -216,8 +230,13 @@ class SurgeryModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         task = batch["task"][0]
         self._check_task(task)
-        z = self._levels(self.merged, batch["image"], task)[-1]
-        target = self._final(self.experts[self.tasks.index(task)](batch["image"]))  # no block levels needed here
+        expert = self.experts[self.tasks.index(task)]
+        target = self._frozen("expert_eval", task, batch, lambda x: [self._final(expert(x))])[0]  # output level only
+        if self._deep:
+            z = self._levels(self.merged, batch["image"], task)[-1]
+        else:  # V1 corrects the output only: the merged representation is cached like the target
+            with torch.no_grad():
+                z = self._correct(task, self._frozen("merged_eval", task, batch, lambda x: [self._final(self.merged(x))])[0])
         self.acc[f"val_acc_{task}"](self.heads(z, task), batch["label"])
         n = len(batch["label"])
         self.log(f"val/acc_{task}", self.acc[f"val_acc_{task}"], add_dataloader_idx=False, batch_size=n)
@@ -231,127 +250,38 @@ class SurgeryModule(L.LightningModule):
         return torch.optim.Adam(self.surgery.parameters(), lr=self.hparams.lr, betas=(0.9, 0.999), weight_decay=0.0)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        drop_frozen(self, checkpoint)  # only the trained surgery modules; the frozen models come from the config
+        drop_frozen(self, checkpoint, self._hashes)  # only the trained surgery modules, and the towers' hashes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_frozen(self, checkpoint)
+        restore_frozen(self, checkpoint, self._hashes)
 
-
-class AdaMergingModule(L.LightningModule):
-    """AdaMerging (Yang et al., ICLR 2024): learn merging coefficients by entropy minimisation on unlabelled data.
-
-    ``theta = theta_0 + sum_k lambda_k tau_k`` with one coefficient per task (task-wise) or per task and
-    parameter tensor (layer-wise); lambda starts at 0.3, is clamped to [0, 1] where used, and Adam
-    (lr 1e-3) minimises the summed mean entropy of every task head's predictions on that task's
-    unlabelled images. ``vectors: ties`` is AdaMerging++ (coefficients of the TIES-selected vectors).
-    At the end of ``fit`` the merged encoder is written to ``export_path`` for ``SurgeryModule``.
-
-    Args:
-        model: timm model name of the encoder.
-        model_kwargs: extra ``timm.create_model`` arguments.
-        pretrained: build the pre-trained encoder with timm's weights (local cache when offline).
-        pretrained_checkpoint: local weights of the pre-trained encoder.
-        experts: ``{task: weights file}`` of the fine-tuned encoders.
-        heads: ``{task: head file}``; by default ``<expert>.head.safetensors``.
-        granularity: ``task`` (K coefficients) or ``layer`` (K x number of float tensors).
-        vectors: ``task`` (plain task vectors) or ``ties`` (AdaMerging++: TIES-selected vectors).
-        ties_top_k: TIES keep fraction for ``vectors: ties``.
-        init: initial coefficient (0.3).
-        clamp: clamp coefficients to [0, 1] where used (the original; FusionBench does not).
-        lr: Adam learning rate (1e-3).
-        export_path: where the merged encoder is written (safetensors) at the end of ``fit``; the
-            coefficients go next to it as ``<name>.coefficients.safetensors``.
-    """
-
-    def __init__(
-        self,
-        model: str = "vit_tiny_patch16_224",
-        model_kwargs: dict[str, Any] | None = None,
-        pretrained: bool = False,
-        pretrained_checkpoint: str | None = None,
-        experts: dict[str, str] | None = None,
-        heads: dict[str, str] | None = None,
-        granularity: Literal["task", "layer"] = "layer",
-        vectors: Literal["task", "ties"] = "task",
-        ties_top_k: float = 0.2,
-        init: float = 0.3,
-        clamp: bool = True,
-        lr: float = 1e-3,
-        export_path: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        encoder, base, states, head_weights = load_task_models(model, model_kwargs, pretrained, pretrained_checkpoint,
-                                                               experts, heads)
-        self.tasks, self.encoder, self.heads = list(states), freeze(encoder), TaskHeads(head_weights)
-        finetuned = list(states.values())
-        taus = (merging.ties_selected(base, finetuned, ties_top_k) if vectors == "ties"
-                else [merging.task_vector(s, base) for s in finetuned])
-        self.layers = merging.layer_keys(base)
-        for i, k in enumerate(self.layers):  # buffers follow the module to its device; not checkpointed
-            self.register_buffer(f"tau_{i}", torch.stack([t[k] for t in taus]), persistent=False)
-        shape = (len(self.tasks),) if granularity == "task" else (len(self.tasks), len(self.layers))
-        self.coefficients = nn.Parameter(torch.full(shape, float(init)))
-        self.acc = task_accuracies(head_weights)
-
-    def lambdas(self) -> Tensor:
-        """The coefficients as used: clamped to [0, 1] unless ``clamp`` is off."""
-        return self.coefficients.clamp(0.0, 1.0) if self.hparams.clamp else self.coefficients
-
-    def merged_params(self) -> dict[str, Tensor]:
-        base = self.encoder.state_dict()  # the frozen encoder is theta_0: no second copy of it
-        taus = [getattr(self, f"tau_{i}") for i in range(len(self.layers))]
-        vectors = [{k: taus[i][j] for i, k in enumerate(self.layers)} for j in range(len(self.tasks))]
-        return merging.combine(base, vectors, self.lambdas())
-
-    def _represent(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
-        return torch.func.functional_call(self.encoder, params, (images,))
-
-    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        params = self.merged_params()
-        unknown = sorted(set(batch) - set(self.tasks))
-        if unknown:
-            raise ValueError(f"batches of tasks {unknown} have no expert/head; model.init_args.experts has {self.tasks}")
-        z = self._represent(torch.cat([b["image"] for b in batch.values()]), params).split(
-            [len(b["image"]) for b in batch.values()])
-        losses = {t: entropy(self.heads(zt, t)) for t, zt in zip(batch, z)}  # entropy of each task's head
-        loss = sum(losses.values())
-        self.log_dict({f"train/entropy_{t}": v.detach() for t, v in losses.items()})
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        return loss
-
-    def on_validation_epoch_start(self) -> None:
-        with torch.no_grad():
-            self._eval_params = {k: v.detach() for k, v in self.merged_params().items()}
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        task = batch["task"][0]
-        logits = self.heads(self._represent(batch["image"], self._eval_params), task)
-        self.acc[f"val_acc_{task}"](logits, batch["label"])
-        self.log(f"val/acc_{task}", self.acc[f"val_acc_{task}"], add_dataloader_idx=False, batch_size=len(logits))
-
-    def on_validation_epoch_end(self) -> None:
-        log_mean_accuracy(self, self.acc)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.coefficients], lr=self.hparams.lr, betas=(0.9, 0.999), weight_decay=0.0)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        drop_frozen(self, checkpoint)  # only the trained coefficients; the frozen models come from the config
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_frozen(self, checkpoint)
-
-    def merged_encoder(self) -> nn.Module:
-        """A copy of the encoder holding the merged weights (clamped coefficients)."""
-        encoder = create_model(self.hparams.model, False, None, self.hparams.model_kwargs)
-        with torch.no_grad():
-            encoder.load_state_dict({k: v.detach().cpu() for k, v in self.merged_params().items()})
-        return encoder
+    # ------------------------------------------------------------------ diagnostics and export
+    @torch.no_grad()
+    def representation_report(self, loaders: list[Any]) -> dict[str, dict[str, Any]]:
+        """Per task: accuracy and per-level bias (Eq. (S1) at every block's token mean and at the output)
+        of the plain merge, the corrected merge and the expert, on labelled ``{"image", "label", "task"}`` batches."""
+        out = {}
+        for loader in loaders:
+            sums: dict[str, Any] = {}
+            count = 0
+            for batch in loader:
+                task, x, y = batch["task"][0], batch["image"].to(self.device), batch["label"].to(self.device)
+                self._check_task(task)
+                expert = self._levels(self.experts[self.tasks.index(task)], x, None, blocks=True)
+                for name, levels in (("plain", self._levels(self.merged, x, None, blocks=True)),
+                                     ("corrected", self._levels(self.merged, x, task, blocks=True)), ("expert", expert)):
+                    bias = torch.stack([(a - b).abs().mean(-1).sum() for a, b in zip(levels, expert, strict=True)])
+                    hits = (self.heads(levels[-1], task).argmax(-1) == y).sum()
+                    prev = sums.get(name, (0, 0))
+                    sums[name] = (prev[0] + bias, prev[1] + hits)
+                count += len(y)
+            out[task] = {name: {"acc": float(hits) / count, "bias": (bias / count).tolist()}
+                         for name, (bias, hits) in sums.items()}
+        return out
 
     def on_fit_end(self) -> None:
-        if self.global_rank == 0 and self.hparams.export_path:
-            path = export_weights(self.merged_encoder(), self.hparams.export_path)
-            coeffs = nn.Module()
-            coeffs.register_buffer("lambdas", self.lambdas().detach().cpu())
-            export_weights(coeffs, path.with_name(path.name.removesuffix(".safetensors") + ".coefficients.safetensors"))
+        if not self.hparams.report or self.global_rank != 0 or self.trainer.datamodule is None:
+            return
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        report = self.representation_report(self.trainer.datamodule.val_dataloader())
+        write_report(self, report, root, getattr(self, "logger", None))

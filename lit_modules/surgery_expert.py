@@ -6,7 +6,8 @@ the image tower only). With a CLIP image tower, ``head: zero_shot`` builds that 
 task's class names and CLIP's text tower (``core.zero_shot_head``). Offline there is no CLIP, so this
 module also pre-trains theta_0 (``head: learned``: a trainable cosine classifier on the pre-training
 task) and, for each expert, builds a zero-shot-like head from theta_0's class-mean features
-(``head: prototype``), freezes it and fine-tunes the encoder. The encoder and its head are written as safetensors
+(``head: prototype``; ``head: orthogonal`` makes the class means orthonormal), freezes it and fine-tunes
+the encoder. The encoder and its head are written as safetensors
 (``<export_path>`` and ``<name>.head.safetensors``) for ``AdaMergingModule`` and ``SurgeryModule``.
 """
 
@@ -35,7 +36,9 @@ class ExpertModule(L.LightningModule):
         checkpoint: local weights to start from (theta_0 for experts).
         num_classes: classes of the task.
         head: ``learned`` trains the head with the encoder (pre-training); ``prototype`` builds it from
-            the starting encoder's class means on the training data and freezes it (demo experts);
+            the starting encoder's class means on the training data and freezes it; ``orthogonal``
+            (demo experts) makes those class means orthonormal first, so the frozen rows are well
+            separated like CLIP's text heads;
             ``zero_shot`` builds it from the task's class names (the data module's ``class_names``)
             and ``text_encoder``, and freezes it (CLIP experts, as task_vectors).
         logit_scale: temperature folded into prototype and zero-shot heads (CLIP's exp(logit_scale) = 100).
@@ -56,7 +59,7 @@ class ExpertModule(L.LightningModule):
         pretrained: bool = False,
         checkpoint: str | None = None,
         num_classes: int = 10,
-        head: Literal["learned", "prototype", "zero_shot"] = "prototype",
+        head: Literal["learned", "prototype", "orthogonal", "zero_shot"] = "orthogonal",
         logit_scale: float = 100.0,
         text_encoder: str | None = None,
         templates: list[str] | None = None,
@@ -107,7 +110,7 @@ class ExpertModule(L.LightningModule):
     @torch.no_grad()
     def on_train_start(self) -> None:
         # On resume the encoder is already part-way fine-tuned: keep the head that came with the checkpoint.
-        if self.hparams.head != "prototype" or self._head_restored:
+        if self.hparams.head not in ("prototype", "orthogonal") or self._head_restored:
             return
         features, labels = [], []
         for batch in self.trainer.train_dataloader:
@@ -116,7 +119,8 @@ class ExpertModule(L.LightningModule):
         features, labels = torch.cat(features), torch.cat(labels)
         if self.trainer.world_size > 1:  # every rank builds the same head from all ranks' shards
             features, labels = self.all_gather(features).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
-        self.head.weight.copy_(prototype_head(features, labels, self.hparams.num_classes, self.hparams.logit_scale))
+        self.head.weight.copy_(prototype_head(features, labels, self.hparams.num_classes, self.hparams.logit_scale,
+                                              orthogonal=self.hparams.head == "orthogonal"))
 
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         logits = self(batch["image"])

@@ -20,6 +20,7 @@ import torchmetrics
 from torch import Tensor, nn
 
 from core.merging import check_compatible
+from core.state_hash import state_hash
 from core.timm_models import create_model, load_state_dict
 
 HEAD_SUFFIX = ".head.safetensors"
@@ -104,19 +105,30 @@ def probe_input(model: nn.Module) -> Tensor:
     return torch.zeros(1, chans, *size)
 
 
-def prototype_head(features: Tensor, labels: Tensor, num_classes: int, logit_scale: float = 100.0) -> Tensor:
+def prototype_head(features: Tensor, labels: Tensor, num_classes: int, logit_scale: float = 100.0,
+                   orthogonal: bool = False) -> Tensor:
     """A zero-shot-like head from class means of features: rows ``scale * mean_c / |mean_c|``.
 
     Stand-in for CLIP's text heads when no text encoder exists (the demo): built once from the
     pre-trained encoder, then frozen while the expert is fine-tuned (as task_vectors freezes heads).
+    With ``orthogonal`` the rows are the orthonormal set nearest to the normalised means (polar
+    decomposition ``U V^T`` of ``U S V^T``): theta_0's class geometry, but with rows as far apart as
+    CLIP's text heads, where raw class means of a weak encoder can be nearly parallel (cosine 0.99).
     """
     present = labels.unique()
     if len(present) != num_classes:
         missing = sorted(set(range(num_classes)) - set(present.tolist()))
         raise ValueError(f"prototype head: classes {missing} have no training examples (data.init_args.tasks)")
     normed = F.normalize(features.float(), dim=-1)
-    means = torch.stack([normed[labels == c].mean(0) for c in range(num_classes)])
-    return logit_scale * F.normalize(means, dim=-1)
+    onehot = F.one_hot(labels, num_classes).float()
+    means = F.normalize(onehot.T @ normed, dim=-1)  # class sums, normalised: the direction of each class mean
+    if orthogonal:
+        if num_classes > means.shape[1]:
+            raise ValueError(f"model.init_args.head: orthogonal needs num_classes <= the representation width "
+                             f"{means.shape[1]}, got {num_classes}; use head: prototype")
+        u, _, vh = torch.linalg.svd(means, full_matrices=False)
+        means = u @ vh
+    return logit_scale * means
 
 
 def head_path(expert_path: str | Path) -> Path:
@@ -156,18 +168,37 @@ def load_task_models(
     return encoder, base, states, weights
 
 
-def drop_frozen(module: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """``on_save_checkpoint``: keep only the trained entries; the frozen models are rebuilt from the config.
+def tower_hashes(towers: Mapping[str, Mapping[str, Tensor]]) -> dict[str, str]:
+    """``{config key: state_hash}`` of the frozen towers a module rebuilds from its config."""
+    return {key: state_hash(state) for key, state in towers.items()}
+
+
+def drop_frozen(module: nn.Module, checkpoint: dict[str, Any], hashes: Mapping[str, str]) -> None:
+    """``on_save_checkpoint``: keep only the trained entries, and a hash of every frozen tower they refill from.
 
     A surgery checkpoint would otherwise hold the merged encoder and every expert (K + 1 towers, about
     11 GB for ViT-L/14 and 8 tasks) at every save, for a few hundred thousand trained numbers.
+
+    Args:
+        module: the LightningModule being saved.
+        checkpoint: Lightning's checkpoint dict, edited in place.
+        hashes: :func:`tower_hashes` of the frozen towers rebuilt from the config on load.
     """
     trained = {name for name, p in module.named_parameters() if p.requires_grad}
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+    checkpoint["frozen_hashes"] = dict(hashes)
 
 
-def restore_frozen(module: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """``on_load_checkpoint``: fill the entries :func:`drop_frozen` left out with the freshly built ones."""
+def restore_frozen(module: nn.Module, checkpoint: dict[str, Any], hashes: Mapping[str, str]) -> None:
+    """``on_load_checkpoint``: refuse towers that differ from the saved run's, then refill what was left out."""
+    saved = checkpoint.get("frozen_hashes")
+    if saved is None:
+        raise ValueError("this checkpoint records no hashes of its frozen towers (saved before they were recorded): "
+                         "train again, or load its state_dict by hand if you know the towers are the same")
+    for key, now in hashes.items():
+        if saved.get(key) != now:
+            raise ValueError(f"{key}: the weights differ from those the checkpoint was trained with (hash {now}, "
+                             f"checkpoint {saved.get(key)}); point {key} at the original files")
     state = checkpoint["state_dict"]
     for key, value in module.state_dict().items():
         state.setdefault(key, value)

@@ -6,13 +6,17 @@ import pytest
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 
-from datamodules.sources import mnist5k
-from datamodules.surgery import SurgeryDataModule, demo_task
+from datamodules.sources import glyph_splits, mnist5k
+from datamodules.surgery import SurgeryDataModule
+from datamodules.surgery_tasks import DEMO_EXPERT_TASKS, GLYPH_TASKS, demo_task
 
 
 def test_demo_tasks_have_distinct_label_spaces_and_disjoint_mnist_halves() -> None:
-    classes = {t: int(demo_task(t)["train"][1].max()) + 1 for t in ("photos", "rotation", "digits", "lfw")}
-    assert classes == {"photos": 12, "rotation": 4, "digits": 10, "lfw": 2}
+    tasks = {t: demo_task(t) for t in ("broad", *DEMO_EXPERT_TASKS)}
+    classes = {t: int(d["train"][1].max()) + 1 for t, d in tasks.items()}
+    assert classes == {"broad": 100, "glyphs_a": 12, "glyphs_b": 12, "glyphs_c": 10, "glyphs_d": 10, "rotation": 4,
+                       "digits": 10}
+    assert all(len(d["test"][1]) >= 300 for d in tasks.values())
     images, _ = mnist5k()
     flat = torch.nn.functional.interpolate(images, size=32, mode="bilinear", antialias=True).clamp(0, 1).flatten(1)
     digits, rotated = demo_task("mnist"), demo_task("rotation")
@@ -22,6 +26,12 @@ def test_demo_tasks_have_distinct_label_spaces_and_disjoint_mnist_halves() -> No
     half = torch.cat([digits["train"][0], digits["test"][0]]).flatten(1)
     assert torch.cdist(upright[:20], flat).min(1).values.max() < 0.05
     assert torch.cdist(upright[:20], half).min(1).values.min() > 1.0
+
+
+def test_expert_glyph_classes_are_disjoint_from_theta0_pre_training() -> None:
+    splits = glyph_splits(0)
+    used = [c for split, first, last in GLYPH_TASKS.values() for c in splits[split][first:last]]
+    assert len(used) == len(set(used)) == 44 and not set(used) & set(splits["meta_train"])
 
 
 def test_adapt_stage_serves_unlabelled_batches_of_every_task_and_labelled_eval() -> None:
@@ -54,4 +64,4 @@ def test_bad_data_config_names_the_key(tmp_path) -> None:
 
 
 def test_default_tasks_are_the_demo_experts_not_the_pre_training_task() -> None:
-    assert SurgeryDataModule().tasks == ["photos", "rotation", "digits", "lfw"]
+    assert SurgeryDataModule().tasks == list(DEMO_EXPERT_TASKS)

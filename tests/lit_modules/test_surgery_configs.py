@@ -15,8 +15,8 @@ from core.timm_models import export_weights
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "surgery"
-DEMO_VIT = {"img_size": 32, "patch_size": 8, "in_chans": 1, "num_classes": 48, "embed_dim": 96, "depth": 4, "num_heads": 3}
-DEMO_CLASSES = {"photos": 12, "rotation": 4, "digits": 10, "lfw": 2}
+DEMO_VIT = {"img_size": 32, "patch_size": 8, "in_chans": 1, "num_classes": 48, "embed_dim": 64, "depth": 4, "num_heads": 2}
+DEMO_CLASSES = {"glyphs_a": 12, "glyphs_b": 12, "glyphs_c": 10, "glyphs_d": 10, "rotation": 4, "digits": 10}
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +40,15 @@ def run(configs: list[str], tmp_path: Path, *extra: str) -> train.LightningCLI:
                                   "--trainer.logger=false", "--trainer.enable_progress_bar=false", *extra])
 
 
-@pytest.mark.parametrize("overlay", [None, "demo_expert_rotation.yaml", "demo_expert_lfw.yaml"])
+@pytest.mark.parametrize("overlay", [None, "demo_expert_rotation.yaml", "demo_expert_glyphs_c.yaml"])
 def test_demo_expert_stages(demo_files: dict, tmp_path: Path, overlay: str | None) -> None:
     configs = ["demo_expert.yaml"] + ([overlay] if overlay else [])
     out = tmp_path / "expert.safetensors"
     cli = run(configs, tmp_path, f"--model.init_args.checkpoint={demo_files['pre']}", f"--model.init_args.export_path={out}")
     assert cli.trainer.state.finished and out.is_file() and (tmp_path / "expert.head.safetensors").is_file()
-    head = cli.model.head.weight
-    assert torch.allclose(head.norm(dim=1), torch.full((head.shape[0],), 100.0))  # frozen prototype head
+    head = cli.model.head.weight / 100  # frozen orthonormal prototype head, x 100
+    torch.testing.assert_close(head @ head.T, torch.eye(head.shape[0]), atol=1e-4, rtol=0)
+    assert not cli.model.head.weight.requires_grad
 
 
 def test_demo_pretrain_stage(tmp_path: Path) -> None:
@@ -71,7 +72,15 @@ def test_demo_merge_and_surgery_stages(demo_files: dict, tmp_path: Path, configs
                   f"--model.init_args.merged_checkpoint={merged}")
         assert cli.trainer.state.finished
     else:
-        assert len(cli.model.surgery["photos"]) == (5 if "demo_v1.yaml" not in configs else 1)
+        assert len(cli.model.surgery["glyphs_a"]) == (5 if "demo_v1.yaml" not in configs else 1)
+        export = tmp_path / "export"  # the run's artefacts: weights, card, figures
+        assert {p.name for p in export.iterdir()} >= {"merged.safetensors", "surgery.safetensors", "README.md",
+                                                       "bias_per_layer.png", "accuracy.png"}
+        from safetensors.torch import load_file
+        merged = load_file(str(export / "merged.safetensors"))
+        assert all(torch.equal(merged[k], v) for k, v in cli.model.merged.state_dict().items())
+        assert set(load_file(str(export / "surgery.safetensors"))) == set(cli.model.surgery.state_dict())
+        assert "| glyphs_a |" in (export / "README.md").read_text()
 
 
 @pytest.mark.parametrize("config", ["vit_b32_expert.yaml", "vit_b32_adamerging.yaml", "vit_b16_surgery.yaml",

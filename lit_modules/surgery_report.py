@@ -1,0 +1,114 @@
+"""What a Surgery run leaves behind: the merged encoder and surgery modules as safetensors, a model card,
+and two figures (per-layer representation bias; per-task accuracy of plain merge, corrected merge, experts).
+
+The figures are drawn from :meth:`SurgeryModule.representation_report`; the benchmark draws the same
+bias plot for merged vs merged + V1 vs merged + V2 and the table of every merge.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from core.timm_models import export_weights
+
+
+def free_folder(root: str | Path, name: str = "export") -> Path:
+    """``root/name``, or ``root/name_1``, ``name_2``, ... : a new folder, never one an earlier run wrote."""
+    root = Path(root)
+    folder, n = root / name, 0
+    while folder.exists():
+        n += 1
+        folder = root / f"{name}_{n}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def level_names(levels: int) -> list[str]:
+    return [f"block {i + 1}" for i in range(levels - 1)] + ["output"]
+
+
+def plot_bias(curves: Mapping[str, Sequence[float]], path: str | Path, title: str) -> Path:
+    """One line per model: the representation bias (mean |z - z_expert|) at every block and at the output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, values in curves.items():
+        ax.plot(range(len(values)), values, marker="o", label=label)
+    ax.set_xticks(range(len(values)), level_names(len(values)))
+    ax.set_ylabel("representation bias (L1 to expert)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_table(rows: Mapping[str, Mapping[str, float]], path: str | Path, title: str, fmt: str = "{:.1f}") -> Path:
+    """A table of numbers as a figure (rows x columns, cells shaded by value): ``rows[row][column]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = list(next(iter(rows.values())))
+    values = np.array([[rows[r].get(c, np.nan) for c in columns] for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2.5, 0.45 * len(rows) + 1.2))
+    ax.imshow(values, cmap="Greens", aspect="auto", vmin=np.nanmin(values), vmax=np.nanmax(values))
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, "-" if np.isnan(v) else fmt.format(v), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _card(module: nn.Module, report: Mapping[str, Any]) -> str:
+    hp = module.hparams
+    lines = [f"# Surgery {hp.version} on a {hp.merge} merge", "",
+             "Representation Surgery (Yang et al., ICML 2024) / SurgeryV2 (arXiv 2410.14389), trained by litzoo.", "",
+             f"- encoder: `{hp.model}` {json.dumps(hp.model_kwargs or {})}",
+             f"- merge: `{hp.merge}` (scaling {hp.scaling}; merged checkpoint {hp.merged_checkpoint})",
+             f"- surgery: version {hp.version}, rank {hp.rank}, correct {hp.correct}, lr {hp.lr}",
+             f"- tasks (test split used without labels to adapt; transductive, as in the papers): {', '.join(module.tasks)}",
+             f"- frozen towers (state hashes): {json.dumps(module._hashes)}", "",
+             "| task | plain merge | + surgery | expert |", "|---|---|---|---|"]
+    for task, r in report.items():
+        lines.append(f"| {task} | {r['plain']['acc']:.3f} | {r['corrected']['acc']:.3f} | {r['expert']['acc']:.3f} |")
+    lines += ["", "Files: `merged.safetensors` (the merged encoder, load with `timm.create_model(model, **model_kwargs)`"
+              " and `load_state_dict`), `surgery.safetensors` (`surgery.<task>.<level>.{down,up}.weight`: one low-rank"
+              " module per task and level; the last level corrects the output), the figures.", ""]
+    return "\n".join(lines)
+
+
+def write_report(module: nn.Module, report: Mapping[str, Any], root: str | Path, logger: Any = None) -> Path:
+    """Export weights, card and figures of a trained :class:`SurgeryModule` into a new ``root/export*`` folder."""
+    folder = free_folder(root)
+    export_weights(module.merged, folder / "merged.safetensors")
+    export_weights(module.surgery, folder / "surgery.safetensors")
+    (folder / "README.md").write_text(_card(module, report))
+    (folder / "report.json").write_text(json.dumps(report, indent=1))
+    mean = lambda name: [sum(v) / len(report) for v in zip(*(r[name]["bias"] for r in report.values()))]  # noqa: E731
+    figures = {
+        "bias_per_layer": plot_bias({"merged": mean("plain"), f"merged + surgery {module.hparams.version}": mean("corrected")},
+                                    folder / "bias_per_layer.png", "representation bias, mean over tasks"),
+        "accuracy": plot_table({name: {t: 100 * r[key]["acc"] for t, r in report.items()}
+                                for name, key in (("merged", "plain"), ("+ surgery", "corrected"), ("experts", "expert"))},
+                               folder / "accuracy.png", "test accuracy (%)"),
+    }
+    if hasattr(logger, "log_image"):  # W&B: the same figures as media
+        for key, png in figures.items():
+            logger.log_image(key=f"surgery/{key}", images=[str(png)])
+    return folder
