@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from core import merging
 from core.block_hooks import block_widths, edited_blocks, find_blocks
+from core.run_dir import run_directory
 from core.timm_models import create_model
 from lit_modules.surgery_parts import (
     FeatureCache,
@@ -280,8 +281,8 @@ class SurgeryModule(L.LightningModule):
         return out
 
     def on_fit_end(self) -> None:
+        root = run_directory(self.trainer)  # a collective call: every rank (the W&B run's own folder too)
         if not self.hparams.report or self.global_rank != 0 or self.trainer.datamodule is None:
             return
-        root = self.trainer.log_dir or self.trainer.default_root_dir
         report = self.representation_report(self.trainer.datamodule.val_dataloader())
         write_report(self, report, root, getattr(self, "logger", None))
