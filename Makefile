@@ -28,7 +28,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# SMI end to end on real MNIST-5k: teacher -> sparse inversion -> knowledge transfer -> W4/A8 PTQ.
+# SMI end to end on real MNIST-5k: teacher and glyph student -> sparse and dense inversion -> KD and PTQ
+# on noise / dense / sparse / real images (one summary table, one figure).
 demo: $(STAMP)
 	test -f $(DEMO)/teacher.safetensors || $(PY) train.py fit --config configs/smi/demo_teacher.yaml
 	test -f $(DEMO)/student.safetensors || $(PY) train.py fit --config configs/smi/demo_student.yaml
@@ -36,7 +37,7 @@ demo: $(STAMP)
 	test -f $(DEMO)/inverted_dense/manifest.json || $(PY) train.py fit --config configs/smi/demo.yaml \
 	  --config configs/smi/dense.yaml --model.init_args.output_dir $(DEMO)/inverted_dense
 	$(PY) benchmarks/smi.py --demo
-	@echo "Inverted images: $(DEMO)/inverted/*.png"
+	@echo "Figure: $(DEMO)/dense_vs_sparse.png (pools: $(DEMO)/inverted, $(DEMO)/inverted_dense)"
 
 # Refresh learning on the two demo streams (Split-MNIST-5k, then Split-digits), DER++ + refresh.
 demo-refresh: $(STAMP)

@@ -51,9 +51,9 @@ def test_demo_training_stages(config: str, tmp_path: Path) -> None:
 
 def test_demo_inversion(demo_files: dict, tmp_path: Path) -> None:
     cli = run("demo.yaml", tmp_path, f"--model.init_args.teacher_checkpoint={demo_files['weights']}",
-              f"--model.init_args.output_dir={tmp_path / 'inv'}", "--model.init_args.iterations=1",
-              "--model.init_args.batch_size=4")
-    assert cli.trainer.global_step == 1 and (tmp_path / "inv" / "batch_0000.pt").is_file()
+              f"--model.init_args.output_dir={tmp_path / 'inv'}", "--model.init_args.iterations=32",
+              "--model.init_args.batch_size=4", "--trainer.fast_dev_run=32")  # the demo's schedule ends at 30
+    assert cli.trainer.global_step == 32 and (tmp_path / "inv" / "batch_0000.pt").is_file()
     assert (tmp_path / "inv" / "manifest.json").is_file() and (tmp_path / "inv" / "README.md").is_file()
 
 
