@@ -100,7 +100,7 @@ def flop_bound(iterations: int, prune: list[int], patches: int, **geometry) -> f
 
 
 def speed(quick: bool, tmp: Path) -> dict:
-    iterations, batch = (80, 2) if quick else (300, 8)
+    iterations, batch = (80, 2) if quick else (200, 8)
     prune = [2, 4, 6, 8] if quick else scaled_schedule(iterations)
     args = dict(teacher="vit_tiny_patch16_224", teacher_kwargs={"num_classes": 1000}, batch_size=batch,
                 iterations=iterations, seed=0)
@@ -275,8 +275,9 @@ def demo_summary() -> None:
     for name, folder in pools.items():
         manifest = json.loads((folder / "manifest.json").read_text())
         records[name] = torch.load(folder / manifest["batches"][0]["file"], weights_only=True)
-    grid, patch = (8, 8), 4
-    png = save_pool_figure(records, run / "dense_vs_sparse.png", grid, patch)
+    geometry = manifest["settings"]["teacher_kwargs"]
+    side = geometry["img_size"] // geometry["patch_size"]
+    png = save_pool_figure(records, run / "dense_vs_sparse.png", (side, side), geometry["patch_size"])
     print(f"figure: {png}")
 
 

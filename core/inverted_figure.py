@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from core.vit_tokens import patch_mask_to_pixels
@@ -80,8 +79,3 @@ def save_pool_figure(
     plt.close(fig)
     tmp.replace(path)
     return path
-
-
-def load_for_figure(batch_file: str | Path) -> dict[str, Tensor]:
-    """A batch file as the record :func:`save_pool_figure` draws."""
-    return torch.load(batch_file, map_location="cpu", weights_only=True)

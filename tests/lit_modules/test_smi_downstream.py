@@ -104,8 +104,8 @@ def test_kd_cache_of_frozen_outputs_changes_nothing_but_the_cost(teacher_file) -
         module = SMIDistillationModule(teacher="vit_tiny_patch16_224", teacher_kwargs=VIT,
                                        teacher_checkpoint=teacher_file, student="vit_tiny_patch16_224",
                                        student_kwargs=VIT, linear_probe=True, lr=0.5, cache_frozen_outputs=cache)
-        calls = []
-        module.teacher.blocks[0].register_forward_pre_hook(lambda _m, a: calls.append(1))
+        calls: list[int] = []
+        module.teacher.blocks[0].register_forward_pre_hook(lambda _m, _a, calls=calls: calls.append(1))
         trainer(max_epochs=3, num_sanity_val_steps=0, limit_val_batches=0).fit(module, datamodule=Data())
         heads.append((module.student.head.weight.detach().clone(), len(calls)))
     torch.testing.assert_close(heads[0][0], heads[1][0], rtol=1e-5, atol=1e-6)
@@ -139,3 +139,30 @@ def test_downstream_modules_reject_bad_input(teacher_file, tmp_path: Path) -> No
         SMIQuantizationModule("resnet10t", {"num_classes": 4})
     with pytest.raises(FileNotFoundError, match="model.init_args.checkpoint"):
         SMIQuantizationModule("vit_tiny_patch16_224", VIT, str(tmp_path / "nope.pth"))
+
+
+def test_pool_batches_share_one_kept_count_and_cover_every_row() -> None:
+    from datamodules.smi import KeptCountBatchSampler
+
+    counts = torch.tensor([3, 5, 3, 5, 5, 3, 3, 64])
+    sampler = KeptCountBatchSampler(counts, batch_size=2, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(len(set(counts[b].tolist())) == 1 for b in batches)
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # reshuffled every epoch
+
+
+def test_noise_and_real_pools_are_dense_and_sized_by_num_train() -> None:
+    from datamodules.smi import SMIDataModule
+
+    for source in ("noise", "real"):
+        dm = SMIDataModule(dataset="digits", image_size=16, train_source=source, num_train=24, val_size=100,
+                           test_size=100, patch_size=4)
+        dm.setup()
+        batch = next(iter(dm.train_dataloader()))
+        assert len(dm.splits["train"]) == 24 and batch["keep_index"].shape == (24, 16)
+        lo = (0 - dm.mean[0]) / dm.std[0]
+        assert batch["image"].min() >= lo - 1e-6  # noise is clamped to the valid pixel range too
+    with pytest.raises(ValueError, match="data.init_args.num_train"):
+        SMIDataModule(dataset="digits", train_source="noise")
