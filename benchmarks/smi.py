@@ -100,7 +100,7 @@ def flop_bound(iterations: int, prune: list[int], patches: int, **geometry) -> f
 
 
 def speed(quick: bool, tmp: Path) -> dict:
-    iterations, batch = (80, 2) if quick else (200, 8)
+    iterations, batch = (80, 2) if quick else (160, 8)
     prune = [2, 4, 6, 8] if quick else scaled_schedule(iterations)
     args = dict(teacher="vit_tiny_patch16_224", teacher_kwargs={"num_classes": 1000}, batch_size=batch,
                 iterations=iterations, seed=0)
@@ -174,8 +174,13 @@ def distil(dm: SMIDataModule, seed: int, epochs: int, temperature: float, split:
     module = SMIDistillationModule(**args)
     fit = trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0)
     fit.fit(module, datamodule=dm)
-    run = fit.validate if split == "val" else fit.test
-    return run(module, datamodule=dm, verbose=False)[0][f"{split}/acc"]
+    return evaluate(module, dm, split)[f"{split}/acc"]
+
+
+def evaluate(module: L.LightningModule, dm: SMIDataModule, split: str) -> dict:
+    """Metrics of ``module`` on the validation (tuning) or test split (a fresh trainer: fit skipped validation)."""
+    run = trainer().validate if split == "val" else trainer().test
+    return run(module, datamodule=dm, verbose=False)[0]
 
 
 def quantise(dm: SMIDataModule, act_bits: int, split: str) -> tuple[float, float]:
@@ -184,8 +189,7 @@ def quantise(dm: SMIDataModule, act_bits: int, split: str) -> tuple[float, float
     module = SMIQuantizationModule(**args)
     fit = trainer(max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0)
     fit.fit(module, datamodule=dm)
-    run = fit.validate if split == "val" else fit.test
-    metrics = run(module, datamodule=dm, verbose=False)[0]
+    metrics = evaluate(module, dm, split)
     return metrics[f"{split}/acc"], metrics[f"{split}/acc_fp"]
 
 
