@@ -1,6 +1,6 @@
 """Sparse vs dense model inversion, side by side: speed on a ViT-Tiny at 224 px, quality on MNIST-5k.
 
-    python benchmarks/smi.py --out benchmarks/results/smi.json   # full (~25 min on one unloaded core)
+    python benchmarks/smi.py --out benchmarks/results/smi.json   # full (~20 min on one unloaded core)
     python benchmarks/smi.py --quick                              # smoke check (~3 min)
     python benchmarks/smi.py --demo                               # the summary table of `make demo`
 
@@ -225,10 +225,10 @@ def quality(quick: bool) -> tuple[dict, list[dict]]:
     stage_weights("demo_student.yaml")
     args = {**cfg["model"]["init_args"], "teacher_checkpoint": str(teacher)}
     prune = cfg["trainer"]["callbacks"][0]["init_args"]["prune_iterations"]
-    seeds, batches, iterations, epochs = ([0], 1, 40, 20) if quick else ([0, 1, 2], 2, 300, 60)
+    seeds, batches, iterations, epochs = ([0], 1, 40, 20) if quick else ([0, 1, 2], 1, 200, 40)
     args.update(iterations=iterations, batch_size=64, seed=0)
     budget = batches * args["batch_size"]
-    temperatures, bits = ([4.0], [4]) if quick else ([1.0, 4.0, 20.0], [4, 5, 6, 8])
+    temperatures, bits = ([4.0], [4]) if quick else ([1.0, 4.0, 20.0], [4, 6, 8])
     pools = {seed: pools_for_seed(args, prune, seed, batches, teacher) for seed in tqdm(seeds, desc="inversion")}
     choice = tune(pools[seeds[0]], budget, epochs, temperatures, bits)
     raw: list[dict] = []
@@ -292,6 +292,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file (raw rows beside it)")
     parser.add_argument("--skip", choices=["speed", "quality"], help="leave one half out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--speed-from", type=Path,
+                        help="copy the speed rows from an earlier results JSON instead of measuring them "
+                             "(recorded as speed_source; for a machine too loaded to time anything)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -304,7 +307,13 @@ def main() -> None:
     if args.skip != "quality":
         quality_results, raw = quality(args.quick)
         results.update(quality_results)
-    if args.skip != "speed":
+    if args.speed_from:
+        earlier = json.loads(args.speed_from.read_text())
+        keys = ("speed_setting", "dense_images_x_iterations_per_s", "sparse_images_x_iterations_per_s", "speedup",
+                "flop_bound_speedup", "speedup_over_bound")
+        results.update({k: earlier[k] for k in keys})
+        results["speed_source"] = f"copied from {args.speed_from} (torch_threads {earlier.get('torch_threads')})"
+    elif args.skip != "speed":
         with TemporaryDirectory() as tmp:
             results.update(speed(args.quick, Path(tmp)))
     results["benchmark_seconds"] = time.perf_counter() - start
