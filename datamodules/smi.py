@@ -15,7 +15,7 @@ ImageNet are read from local roots with torchvision (no download).
 Batches are dicts: ``image`` (B, C, H, W) normalised, ``label`` (B,); the pools a downstream stage
 trains on (inverted, noise, real with ``num_train``) add ``index`` (B,) (the row in the pool, for caches)
 and ``keep_index`` (B, K), the kept patch positions. Rows with the same kept count are batched together
-(:class:`KeptCountBatchSampler`), so a model reads K from the shape and never asks the device.
+(:class:`_KeptCountBatchSampler`), so a model reads K from the shape and never asks the device.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class PoolDataset(Dataset):
                 "index": torch.tensor(i)}
 
 
-class KeptCountBatchSampler(Sampler[list[int]]):
+class _KeptCountBatchSampler(Sampler[list[int]]):
     """Shuffled batches whose rows share one kept-patch count (a pool may mix sparsity levels).
 
     Args:
@@ -342,7 +342,7 @@ class SMIDataModule(L.LightningDataModule):
         size = hp.batch_size if split == "train" else hp.eval_batch_size
         data = self.splits[split]
         if isinstance(data, PoolDataset):
-            sampler = KeptCountBatchSampler(data.counts, size, shuffle, hp.seed)
+            sampler = _KeptCountBatchSampler(data.counts, size, shuffle, hp.seed)
             return DataLoader(data, batch_sampler=sampler, num_workers=hp.num_workers,
                               persistent_workers=hp.num_workers > 0)
         return DataLoader(data, batch_size=size, shuffle=shuffle, num_workers=hp.num_workers,

@@ -142,10 +142,10 @@ def test_downstream_modules_reject_bad_input(teacher_file, tmp_path: Path) -> No
 
 
 def test_pool_batches_share_one_kept_count_and_cover_every_row() -> None:
-    from datamodules.smi import KeptCountBatchSampler
+    from datamodules.smi import _KeptCountBatchSampler
 
     counts = torch.tensor([3, 5, 3, 5, 5, 3, 3, 64])
-    sampler = KeptCountBatchSampler(counts, batch_size=2, seed=1)
+    sampler = _KeptCountBatchSampler(counts, batch_size=2, seed=1)
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert all(len(set(counts[b].tolist())) == 1 for b in batches)
