@@ -1,23 +1,33 @@
 """Sparse vs dense model inversion, side by side: speed on a ViT-Tiny at 224 px, quality on MNIST-5k.
 
-    python benchmarks/smi.py --out benchmarks/results/smi.json     # full (~15 min on 2 CPU cores)
-    python benchmarks/smi.py --quick                               # smoke check (~2 min)
+    python benchmarks/smi.py --out benchmarks/results/smi.json   # full (~20 min on one unloaded core)
+    python benchmarks/smi.py --quick                              # smoke check (~3 min)
+    python benchmarks/smi.py --demo                               # the summary table of `make demo`
 
 Speed: the same random-weight ViT-Tiny geometry (197 tokens), same batch and seeds, inverted densely
 and with the default schedule (prune at 50/100/200/300 of 4000 iterations, keep 0.7 each time),
 scaled in proportion to a shorter run. Reports images x iterations per second of both, their ratio
 (``speedup``) and the FLOP ratio implied by the kept-token counts (``flop_bound_speedup``).
 
-Quality: the demo teacher (configs/smi/demo_teacher.yaml, trained if missing) is inverted densely
-and sparsely with the same seeds; a pre-trained student (demo_student.yaml) is linear-probed by
-distillation on each pool (knowledge transfer, as configs/smi/demo_kd.yaml) and a
-W4/A8 PSAQ quantiser is calibrated on 32 images of each, both evaluated on real held-out MNIST-5k.
-"Equal wall-clock" gives the sparse inversion the time the dense one took (more images).
+Quality, per seed (3 seeds): the demo teacher (configs/smi/demo_teacher.yaml) is inverted densely and
+sparsely at an equal image budget, and sparsely again for the dense run's wall-clock (more images).
+Two downstream tasks read each pool, evaluated on real held-out MNIST-5k test digits:
+- KD: the demo's glyph-pretrained student (demo_student.yaml, never saw MNIST) is linear-probed by
+  distillation from the teacher's soft labels (demo_kd.yaml);
+- PTQ: the teacher is fake-quantised (PSAQ min/max) and calibrated on 32 images of the pool.
+Floor and ceiling rows come from the same code and seeds: Gaussian-noise images (floor) and as many
+real MNIST training images (ceiling). A dense-vs-sparse comparison counts only when ceiling - floor is
+at least 0.3 (KD) / 0.1 (PTQ); the gaps are recorded and a warning is printed otherwise.
+Tuning: the KD temperature and the PTQ activation bit width are chosen on the validation split
+(carved from MNIST-5k's training part, disjoint from test) with seed 0, never on test.
+Inverted pools are cached under $LITZOO_CACHE/benchmarks/smi, keyed by a hash of their settings and of
+the code that produces them.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +48,7 @@ import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from callbacks.token_dropping import SparseTokenDropping  # noqa: E402
+from core.inverted_figure import save_pool_figure  # noqa: E402
 from datamodules.smi import SMIDataModule  # noqa: E402
 from lit_modules.smi import SMIModule  # noqa: E402
 from lit_modules.smi_kd import SMIDistillationModule  # noqa: E402
@@ -46,6 +57,10 @@ from lit_modules.smi_ptq import SMIQuantizationModule  # noqa: E402
 DEMO = REPO / "configs" / "smi"
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # keep the table readable
 PAPER_SCHEDULE, PAPER_ITERATIONS = (50, 100, 200, 300), 4000
+SOURCES = ("noise", "real", "dense", "sparse", "sparse_equal_time")
+KD_GAP_BAR, PTQ_GAP_BAR = 0.3, 0.1
+CODE = ("lit_modules/smi.py", "core/vit_tokens.py", "core/image_priors.py", "core/inverted_images.py",
+        "callbacks/token_dropping.py")
 
 
 def trainer(**kwargs) -> L.Trainer:
@@ -60,7 +75,7 @@ def scaled_schedule(iterations: int) -> list[int]:
 
 def invert(module_args: dict, prune: list[int] | None, out: Path, **overrides) -> float:
     """Run one inversion (``SMIModule`` + optional ``SparseTokenDropping``); return wall seconds."""
-    module = SMIModule(**{**module_args, **overrides, "output_dir": str(out)})
+    module = SMIModule(**{**module_args, **overrides, "output_dir": str(out), "overwrite": True})
     callbacks = [SparseTokenDropping(prune, 0.7)] if prune else []
     fit = trainer(max_epochs=1, callbacks=callbacks)
     start = time.perf_counter()
@@ -85,7 +100,7 @@ def flop_bound(iterations: int, prune: list[int], patches: int, **geometry) -> f
 
 
 def speed(quick: bool, tmp: Path) -> dict:
-    iterations, batch = (80, 2) if quick else (600, 16)
+    iterations, batch = (80, 2) if quick else (160, 8)
     prune = [2, 4, 6, 8] if quick else scaled_schedule(iterations)
     args = dict(teacher="vit_tiny_patch16_224", teacher_kwargs={"num_classes": 1000}, batch_size=batch,
                 iterations=iterations, seed=0)
@@ -122,86 +137,203 @@ def stage_weights(config: str) -> Path:
     return path
 
 
-def teacher_file() -> Path:
-    return stage_weights("demo_teacher.yaml")
+def _digest(*parts: object) -> str:
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for name in CODE:
+        h.update((REPO / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
-def data(pool: Path | None, budget: int | None = None, seed: int = 0, **kwargs) -> SMIDataModule:
-    base = demo_config("demo_kd.yaml")["data"]["init_args"]
-    if pool is not None:
-        base = {**base, "inverted_dir": str(pool), "num_inverted": budget}
-    return SMIDataModule(**{**base, "seed": 0, **kwargs})
+def cached_pool(args: dict, prune: list[int] | None, seed: int, num_batches: int, teacher: Path) -> tuple[Path, float]:
+    """An inverted pool and its inversion seconds, from the cache when the same settings and code made it."""
+    root = Path(os.environ.get("LITZOO_CACHE", Path.home() / ".cache" / "litzoo")) / "benchmarks" / "smi"
+    key = _digest(args, prune, seed, num_batches, hashlib.sha256(teacher.read_bytes()).hexdigest())
+    folder = root / key
+    done = folder / "seconds.json"
+    if done.is_file():
+        return folder, json.loads(done.read_text())["seconds"]
+    seconds = invert(args, prune, folder, seed=seed, num_batches=num_batches)
+    done.write_text(json.dumps({"seconds": seconds}))
+    return folder, seconds
 
 
-def distil(pool: Path, budget: int, seed: int, epochs: int) -> float:
+def data(source: str, pool: Path | None, budget: int, seed: int, **kwargs) -> SMIDataModule:
+    """Training pool of ``source`` (noise / real / inverted) plus MNIST-5k val and test splits."""
+    base = {**demo_config("demo_kd.yaml")["data"]["init_args"], "seed": 0}
+    if source in ("noise", "real"):  # a fresh noise draw / real subset per seed; the splits stay fixed
+        base.update(train_source=source, num_train=budget, inverted_dir=None, pool_seed=seed)
+    else:
+        base.update(inverted_dir=str(pool), num_inverted=budget)
+    return SMIDataModule(**{**base, **kwargs})
+
+
+def distil(dm: SMIDataModule, seed: int, epochs: int, temperature: float, split: str) -> float:
     L.seed_everything(seed, verbose=False)
-    args = {**demo_config("demo_kd.yaml")["model"]["init_args"], "teacher_checkpoint": str(teacher_file()),
-            "student_checkpoint": str(stage_weights("demo_student.yaml"))}
+    args = {**demo_config("demo_kd.yaml")["model"]["init_args"], "teacher_checkpoint": str(stage_weights("demo_teacher.yaml")),
+            "student_checkpoint": str(stage_weights("demo_student.yaml")), "temperature": temperature}
     module = SMIDistillationModule(**args)
     fit = trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0)
-    dm = data(pool, budget)
     fit.fit(module, datamodule=dm)
-    return fit.test(module, datamodule=dm, verbose=False)[0]["test/acc"]
+    return evaluate(module, dm, split)[f"{split}/acc"]
 
 
-def quantise(pool: Path, budget: int) -> tuple[float, float]:
-    args = {**demo_config("demo_ptq.yaml")["model"]["init_args"], "checkpoint": str(teacher_file())}
+def evaluate(module: L.LightningModule, dm: SMIDataModule, split: str) -> dict:
+    """Metrics of ``module`` on the validation (tuning) or test split (a fresh trainer: fit skipped validation)."""
+    run = trainer().validate if split == "val" else trainer().test
+    return run(module, datamodule=dm, verbose=False)[0]
+
+
+def quantise(dm: SMIDataModule, act_bits: int, split: str) -> tuple[float, float]:
+    args = {**demo_config("demo_ptq.yaml")["model"]["init_args"], "checkpoint": str(stage_weights("demo_teacher.yaml")),
+            "act_bits": act_bits}
     module = SMIQuantizationModule(**args)
-    dm = data(pool, budget, batch_size=32)
     fit = trainer(max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0)
     fit.fit(module, datamodule=dm)
-    metrics = fit.test(module, datamodule=dm, verbose=False)[0]
-    return metrics["test/acc"], metrics["test/acc_fp"]
+    metrics = evaluate(module, dm, split)
+    return metrics[f"{split}/acc"], metrics[f"{split}/acc_fp"]
 
 
-def quality(quick: bool, tmp: Path) -> dict:
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def pools_for_seed(args: dict, prune: list[int], seed: int, batches: int, teacher: Path) -> dict:
+    """Dense, sparse (equal images) and sparse (equal wall-clock) pools of one seed: {name: (dir, images, s)}."""
+    dense, t_dense = cached_pool(args, None, seed, batches, teacher)
+    sparse, t_sparse = cached_pool(args, prune, seed, batches, teacher)
+    more = max(batches, round(batches * t_dense / t_sparse))
+    equal_time, t_equal = cached_pool(args, prune, seed, more, teacher)
+    b = args["batch_size"]
+    return {"dense": (dense, batches * b, t_dense), "sparse": (sparse, batches * b, t_sparse),
+            "sparse_equal_time": (equal_time, more * b, t_equal)}
+
+
+def tune(pools: dict, budget: int, epochs: int, temperatures: list[float], bits: list[int]) -> dict:
+    """Seed-0 choices on the validation split: KD temperature (mean over dense and sparse) and PTQ act bits
+    (largest real - noise gap, i.e. where calibration data matters most)."""
+    kd = {t: statistics.mean(distil(data(s, pools[s][0], budget, 0), 0, epochs, t, "val") for s in ("dense", "sparse"))
+          for t in temperatures}
+    gap = {b: quantise(data("real", None, 32, 0), b, "val")[0] - quantise(data("noise", None, 32, 0), b, "val")[0]
+           for b in bits}
+    return {"kd_temperature": max(kd, key=kd.get), "ptq_act_bits": max(gap, key=gap.get),
+            "val_kd_acc_by_temperature": kd, "val_ptq_gap_by_act_bits": gap}
+
+
+def quality(quick: bool) -> tuple[dict, list[dict]]:
     cfg = demo_config("demo.yaml")
-    args = {**cfg["model"]["init_args"], "teacher_checkpoint": str(teacher_file())}
+    teacher = stage_weights("demo_teacher.yaml")
+    stage_weights("demo_student.yaml")
+    args = {**cfg["model"]["init_args"], "teacher_checkpoint": str(teacher)}
     prune = cfg["trainer"]["callbacks"][0]["init_args"]["prune_iterations"]
-    batches, iterations, seeds, epochs = (1, 60, [0], 5) if quick else (4, args["iterations"], [0, 1, 2], 30)
-    args.update(iterations=iterations, num_batches=batches)
+    seeds, batches, iterations, epochs = ([0], 1, 40, 20) if quick else ([0, 1, 2], 1, 200, 40)
+    args.update(iterations=iterations, batch_size=64, seed=0)
     budget = batches * args["batch_size"]
-    t_dense = invert(args, None, tmp / "q_dense")
-    t_sparse = invert(args, prune, tmp / "q_sparse")
-    equal_time_batches = max(batches, int(batches * t_dense / t_sparse))
-    invert(args, prune, tmp / "q_sparse_time", num_batches=equal_time_batches)
-    pools = {"dense": (tmp / "q_dense", budget), "sparse": (tmp / "q_sparse", budget),
-             "sparse_equal_time": (tmp / "q_sparse_time", equal_time_batches * args["batch_size"])}
+    temperatures, bits = ([4.0], [4]) if quick else ([1.0, 4.0, 20.0], [4, 6, 8])
+    pools = {seed: pools_for_seed(args, prune, seed, batches, teacher) for seed in tqdm(seeds, desc="inversion")}
+    choice = tune(pools[seeds[0]], budget, epochs, temperatures, bits)
+    raw: list[dict] = []
+    for seed in tqdm(seeds, desc="downstream"):
+        for source in SOURCES:
+            pool, size, seconds = pools[seed].get(source, (None, budget, None))
+            calib = 32 if source != "sparse_equal_time" else min(size, round(32 * size / budget))
+            kd = distil(data(source, pool, size, seed), seed, epochs, choice["kd_temperature"], "test")
+            ptq, fp = quantise(data(source, pool, calib, seed, batch_size=calib), choice["ptq_act_bits"], "test")
+            w4a8, _ = quantise(data(source, pool, calib, seed, batch_size=calib), 8, "test")
+            raw.append({"seed": seed, "source": source, "images": size, "inversion_seconds": seconds,
+                        "kd_acc": kd, "ptq_acc": ptq, "ptq_w4a8_acc": w4a8, "teacher_test_acc": fp})
     out: dict = {"quality_setting": {
-        "teacher": "demo ViT (embed 96, depth 4, patch 4, 32 px) on MNIST-5k", "images_per_pool": budget,
-        "equal_time_images": pools["sparse_equal_time"][1], "iterations": iterations, "prune_iterations": prune,
-        "kd_seeds": seeds, "kd_epochs": epochs, "calibration_images": 32,
-        "inversion_seconds": {"dense": t_dense, "sparse": t_sparse}}}
-    for name, (pool, size) in tqdm(pools.items(), desc="downstream"):
-        accs = [distil(pool, size, seed, epochs) for seed in seeds]
-        out[f"kd_acc_{name}"] = statistics.mean(accs)
-        out[f"kd_acc_{name}_std"] = statistics.pstdev(accs)
-        calibration = 32 if name != "sparse_equal_time" else min(size, round(32 * t_dense / t_sparse))
-        out[f"ptq_w4a8_acc_{name}"], out["teacher_test_acc"] = quantise(pool, calibration)
-    return out
+        "teacher": "demo ViT (embed 96, depth 4, patch 4, 32 px) on MNIST-5k",
+        "student": "resnet10t pre-trained on 122 printed-glyph classes (never MNIST), linear probe",
+        "images_per_pool": budget, "iterations": iterations, "prune_iterations": prune, "seeds": seeds,
+        "kd_epochs": epochs, "calibration_images": 32, "ptq_weight_bits": 4, **choice,
+        "equal_time_images": {s: pools[s]["sparse_equal_time"][1] for s in seeds},
+        "inversion_seconds": {s: {k: v[2] for k, v in pools[s].items()} for s in seeds}}}
+    out["teacher_test_acc"] = raw[0]["teacher_test_acc"]
+    for metric in ("kd", "ptq", "ptq_w4a8"):
+        for source in SOURCES:
+            out[f"{metric}_acc_{source}"] = mean_std([r[f"{metric}_acc"] for r in raw if r["source"] == source])
+    out["kd_gap_ceiling_floor"] = out["kd_acc_real"]["mean"] - out["kd_acc_noise"]["mean"]
+    out["ptq_gap_ceiling_floor"] = out["ptq_acc_real"]["mean"] - out["ptq_acc_noise"]["mean"]
+    out["kd_protocol_valid"] = out["kd_gap_ceiling_floor"] >= KD_GAP_BAR
+    out["ptq_protocol_valid"] = out["ptq_gap_ceiling_floor"] >= PTQ_GAP_BAR
+    return out, raw
+
+
+def demo_summary() -> None:
+    """The end of `make demo`: KD and PTQ on noise / dense / sparse / real, one table, one figure."""
+    run = REPO / "runs" / "smi" / "demo"
+    pools = {"dense": run / "inverted_dense", "sparse": run / "inverted"}
+    budget = 256
+    rows = {}
+    kd_t = demo_config("demo_kd.yaml")["model"]["init_args"]["temperature"]
+    bits = demo_config("demo_ptq.yaml")["model"]["init_args"]["act_bits"]
+    for source in ("noise", "dense", "sparse", "real"):
+        kd = distil(data(source, pools.get(source), budget, 0), 0, 60, kd_t, "test")
+        ptq, fp = quantise(data(source, pools.get(source), 32, 0, batch_size=32), bits, "test")
+        rows[source] = (kd, ptq)
+    print(f"\nSMI demo on real MNIST-5k test digits (teacher: {fp:.3f})")
+    print(f"{'training images':<18}{'KD student acc':>16}{f'PTQ W4/A{bits} acc':>18}")
+    for source, (kd, ptq) in rows.items():
+        print(f"{source:<18}{kd:>16.3f}{ptq:>18.3f}")
+    records = {}
+    for name, folder in pools.items():
+        manifest = json.loads((folder / "manifest.json").read_text())
+        records[name] = torch.load(folder / manifest["batches"][0]["file"], weights_only=True)
+    geometry = manifest["settings"]["teacher_kwargs"]
+    side = geometry["img_size"] // geometry["patch_size"]
+    png = save_pool_figure(records, run / "dense_vs_sparse.png", (side, side), geometry["patch_size"])
+    print(f"figure: {png}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short smoke run (about two minutes)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (a few minutes)")
+    parser.add_argument("--demo", action="store_true", help="the summary table and figure of `make demo`")
+    parser.add_argument("--out", type=Path, help="write the results as JSON to this file (raw rows beside it)")
     parser.add_argument("--skip", choices=["speed", "quality"], help="leave one half out")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--speed-from", type=Path,
+                        help="copy the speed rows from an earlier results JSON instead of measuring them "
+                             "(recorded as speed_source; for a machine too loaded to time anything)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.demo:
+        demo_summary()
+        return
     results: dict = {"mode": "quick" if args.quick else "full", "torch_threads": torch.get_num_threads()}
-    with TemporaryDirectory() as tmp:
-        if args.skip != "speed":
+    raw: list[dict] = []
+    start = time.perf_counter()
+    if args.skip != "quality":
+        quality_results, raw = quality(args.quick)
+        results.update(quality_results)
+    if args.speed_from:
+        earlier = json.loads(args.speed_from.read_text())
+        keys = ("speed_setting", "dense_images_x_iterations_per_s", "sparse_images_x_iterations_per_s", "speedup",
+                "flop_bound_speedup", "speedup_over_bound")
+        results.update({k: earlier[k] for k in keys})
+        results["speed_source"] = f"copied from {args.speed_from} (torch_threads {earlier.get('torch_threads')})"
+    elif args.skip != "speed":
+        with TemporaryDirectory() as tmp:
             results.update(speed(args.quick, Path(tmp)))
-        if args.skip != "quality":
-            results.update(quality(args.quick, Path(tmp)))
+    results["benchmark_seconds"] = time.perf_counter() - start
     width = max(map(len, results))
     for key, value in results.items():
-        if not isinstance(value, dict):
+        if isinstance(value, dict) and set(value) == {"mean", "std"}:
+            print(f"{key:<{width}}  {value['mean']:.4f} +- {value['std']:.4f}")
+        elif not isinstance(value, dict):
             print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    for name, bar in (("kd", KD_GAP_BAR), ("ptq", PTQ_GAP_BAR)):
+        gap = results.get(f"{name}_gap_ceiling_floor")
+        if gap is not None and gap < bar:
+            print(f"WARNING: {name} ceiling - floor = {gap:.3f} < {bar}: this protocol cannot tell images apart, "
+                  f"so its dense-vs-sparse comparison does not count")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        raw_file = args.out.with_name(args.out.stem + "_raw.json")
+        raw_file.write_text(json.dumps(raw, indent=2) + "\n")
+        print(f"wrote {args.out} and {raw_file}")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ class SparseTokenDropping(L.Callback):
 
     Args:
         prune_iterations: steps (within the module's schedule, see ``token_schedule_step``) at which
-            tokens are dropped. Each must be >= 1 (the scores come from the step before) and
-            consecutive events at least 2 steps apart (the release silently skipped such events).
+            tokens are dropped. Each must lie in [1, schedule length) (the scores come from the step
+            before; a drop at 1 scores the first step) and consecutive events at least 2 steps apart
+            (the release silently skipped such events).
         keep_ratio: fraction of the *remaining* patches kept at each event, in (0, 1]; one value for
             all events or one per event. The paper's default drops 30 % four times (0.7).
     """
@@ -55,6 +56,14 @@ class SparseTokenDropping(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require_protocol(pl_module, SupportsTokenDropping, type(self).__name__)
+        pl_module.num_kept_patches()  # a module that cannot drop tokens (a CNN teacher) raises here
+        length = pl_module.token_schedule_length()
+        late = [t for t in self.prune_iterations if t >= length]
+        if late:
+            raise ValueError(
+                f"prune_iterations {late} lie at or beyond the {length} steps of a schedule and would never "
+                f"happen: use values in [1, {length - 1}] (or raise model.init_args.iterations)"
+            )
 
     def keep_counts(self, num_patches: int) -> list[int]:
         """Patch counts after each event when starting from ``num_patches`` (K_i = int(K_{i-1} * r_i))."""

@@ -22,8 +22,12 @@ class SupportsTokenDropping(Protocol):
         """Index of the coming training step in the dropping schedule (restarts at 0 with new inputs)."""
         ...
 
+    def token_schedule_length(self) -> int:
+        """Steps per schedule (events at or beyond it never happen and are refused)."""
+        ...
+
     def num_kept_patches(self) -> int:
-        """Patch tokens (prefix tokens excluded) the module currently computes on."""
+        """Patch tokens (prefix tokens excluded) the module currently computes on; raises if it has none."""
         ...
 
     def prepare_token_drop(self) -> None:

@@ -117,8 +117,10 @@ class QuantAct(nn.Module):
     """Per-tensor asymmetric activation fake quantiser with a recorded min/max range.
 
     While ``recording`` (inside :func:`calibration`) every call widens the range to the running
-    global min/max and then quantises with it (as PSAQ: later quantisers see quantised inputs).
-    Outside calibration the range is frozen; using it before any range was recorded raises.
+    global min/max and passes ``x`` through unquantised: ranges are those of the float network, as
+    PSAQ-ViT and the SMI release record them (quantisation off), then quantisation is switched on.
+    Outside calibration the range is frozen; using it before any range was recorded raises. Whether
+    a range exists is a Python flag, so a forward never reads a tensor back to the host.
 
     Args:
         bits: Activation bit width k in [2, 16].
@@ -131,20 +133,23 @@ class QuantAct(nn.Module):
         self.name = ""  # set by quantize_vit, for error messages
         self.register_buffer("x_min", torch.tensor(float("inf")))
         self.register_buffer("x_max", torch.tensor(float("-inf")))
-
-    @property
-    def calibrated(self) -> bool:
-        return bool(torch.isfinite(self.x_min) and torch.isfinite(self.x_max))
+        self.calibrated = False  # set when a calibration ends or a recorded range is loaded
 
     def reset(self) -> None:
         self.x_min.fill_(float("inf"))
         self.x_max.fill_(float("-inf"))
+        self.calibrated = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.calibrated = bool(torch.isfinite(self.x_min) & torch.isfinite(self.x_max))  # once, at load
 
     def forward(self, x: Tensor) -> Tensor:
         if self.recording:
             with torch.no_grad():
                 self.x_min.copy_(torch.minimum(self.x_min, x.detach().amin().to(self.x_min)))
                 self.x_max.copy_(torch.maximum(self.x_max, x.detach().amax().to(self.x_max)))
+            return x  # float network while recording
         if not self.calibrated:
             raise RuntimeError(
                 f"QuantAct {self.name or '(unnamed)'} has no activation range: calibrate the activation "
@@ -156,7 +161,33 @@ class QuantAct(nn.Module):
         return f"bits={self.bits}, range=[{self.x_min.item():.4g}, {self.x_max.item():.4g}]"
 
 
-class QuantLinear(nn.Module):
+class _QuantWeight(nn.Module):
+    """Fake-quantised weight of a layer, computed once while the weight is frozen.
+
+    ``enabled`` is switched off by :func:`calibration` (ranges are recorded on the float network).
+    The rounded weight is cached when the weight needs no gradient and re-made when it changes
+    (a new tensor or an in-place update, seen through the tensor's version counter).
+    """
+
+    def _init_weight_quant(self, bits: int) -> None:
+        self.bits = _check_bits(bits, "weight_bits")
+        self.enabled = True
+        self._cache: tuple[tuple[int, int, torch.device, torch.dtype], Tensor] | None = None
+
+    def quant_weight(self) -> Tensor:
+        w = self.weight
+        if not self.enabled:
+            return w
+        if w.requires_grad and torch.is_grad_enabled():
+            return fake_quant_weight(w, self.bits)  # straight-through gradient to the float weight
+        key = (id(w), w._version, w.device, w.dtype)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, fake_quant_weight(w, self.bits))
+        return self._cache[1]
+
+
+class QuantLinear(_QuantWeight):
     """``nn.Linear`` with per-output-channel symmetric fake-quantised weights (same parameters).
 
     Args:
@@ -166,18 +197,18 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, bits: int = 8) -> None:
         super().__init__()
-        self.bits = _check_bits(bits, "weight_bits")
+        self._init_weight_quant(bits)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, fake_quant_weight(self.weight, self.bits), self.bias)
+        return F.linear(x, self.quant_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}"
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(_QuantWeight):
     """``nn.Conv2d`` with per-output-channel symmetric fake-quantised weights (same parameters).
 
     Args:
@@ -189,14 +220,13 @@ class QuantConv2d(nn.Module):
         super().__init__()
         if conv.padding_mode != "zeros":
             raise TypeError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        self.bits = _check_bits(bits, "weight_bits")
+        self._init_weight_quant(bits)
         self.weight, self.bias = conv.weight, conv.bias
         self.stride, self.padding, self.dilation, self.groups = (
             conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = fake_quant_weight(self.weight, self.bits)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.quant_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, stride={self.stride}, bits={self.bits}"
@@ -324,8 +354,10 @@ def quantize_vit(model: VisionTransformer, weight_bits: int = 8, act_bits: int =
 def calibration(model: nn.Module, reset: bool = True) -> Iterator[nn.Module]:
     """Record activation ranges of every :class:`QuantAct` in ``model`` during the ``with`` body.
 
-    On entry the ranges are cleared (unless ``reset=False``, which widens the current ones) and
-    every quantiser records; on a normal exit the ranges are frozen and, under an initialised
+    On entry the ranges are cleared (unless ``reset=False``, which widens the current ones), weight
+    quantisation is switched off and every activation quantiser records the float network's range
+    (PSAQ-ViT and the SMI release calibrate with quantisation off); on a normal exit quantisation is
+    switched back on, the ranges are frozen and, under an initialised
     ``torch.distributed`` process group, reduced to the global min/max across ranks so every rank
     holds the same quantiser. Gradients are not disabled: wrap in ``torch.no_grad()`` as needed.
 
@@ -339,16 +371,23 @@ def calibration(model: nn.Module, reset: bool = True) -> Iterator[nn.Module]:
     quants = [m for m in model.modules() if isinstance(m, QuantAct)]
     if not quants:
         raise ValueError(f"{type(model).__name__} has no QuantAct modules: call quantize_vit(model) first")
+    weights = [m for m in model.modules() if isinstance(m, _QuantWeight)]
     for q in quants:
         if reset:
             q.reset()
         q.recording = True
+    for w in weights:
+        w.enabled = False
     try:
         yield model
     finally:
         for q in quants:
             q.recording = False
+        for w in weights:
+            w.enabled = True
     if dist.is_available() and dist.is_initialized():
         for q in quants:
             dist.all_reduce(q.x_min, op=dist.ReduceOp.MIN)
             dist.all_reduce(q.x_max, op=dist.ReduceOp.MAX)
+    for q in quants:  # one read-back per quantiser, at the end of calibration only
+        q.calibrated = bool(torch.isfinite(q.x_min) & torch.isfinite(q.x_max))

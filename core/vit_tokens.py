@@ -109,6 +109,7 @@ def forward_kept(
     images: Tensor,
     keep_index: Tensor | None = None,
     return_cls_attention: bool = False,
+    pre_logits: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Logits of ``model`` computed on the kept patch tokens only.
 
@@ -119,10 +120,13 @@ def forward_kept(
         keep_index: (B, K) patch positions to keep per image; ``None`` keeps every patch (dense).
         return_cls_attention: also return the last block's head-mean CLS-to-patch attention over
             the kept patches, (B, K) (or (B, N_patches) when dense). Needs a class token.
+        pre_logits: return the pooled features the classifier head reads instead of the logits.
 
     Returns:
         ``(logits, scores)`` with ``scores`` None unless requested.
     """
+    if keep_index is not None and keep_index.shape[1] == model.patch_embed.num_patches:
+        keep_index = None  # every patch kept: the dense path (known from the shape, no device read)
     tokens = embed_tokens(model, images) if keep_index is None else embed_kept_tokens(model, images, keep_index)
     *body, last = model.blocks
     for block in body:
@@ -133,7 +137,7 @@ def forward_kept(
             raise ValueError("CLS-attention scoring needs a ViT with a class token (class_token=True).")
         scores = cls_attention(last, tokens, model.num_prefix_tokens)
     tokens = model.norm(last(tokens))
-    return model.forward_head(tokens), scores
+    return model.forward_head(tokens, pre_logits=pre_logits), scores
 
 
 def top_patches(scores: Tensor, keep: int, current_index: Tensor | None = None) -> Tensor:
@@ -180,7 +184,8 @@ def forward_masked(model: nn.Module, images: Tensor, keep_mask: Tensor | None) -
 
     Rows are grouped by their kept count (a batch may mix images from different sparsity levels)
     and each group runs :func:`forward_kept`; all-True rows run dense. ``keep_mask=None`` is a plain
-    dense forward of any model.
+    dense forward of any model. The grouping reads counts back from the device: for training loops,
+    batch rows of one count and call :func:`forward_kept` with a ``keep_index`` (no read-back).
     """
     if keep_mask is None or bool(keep_mask.all()):
         return model(images)

@@ -4,14 +4,18 @@ The inversion itself needs no data (``SMIModule`` supplies its own step source).
 serves the stages around it:
 - training a teacher on real data (``train_source: real``);
 - knowledge transfer and quantisation calibration on inverted images (``train_source: inverted``),
-  each with its kept-patch mask so that models compute on the same sparse token set;
+  each with its kept patches so that models compute on the same sparse token set, and the floor and
+  ceiling of those stages: Gaussian noise (``noise``) and N real training images (``real`` with
+  ``num_train``);
 - evaluation on real held-out data (val and test splits).
 
 Offline sets (MNIST-5k, sklearn digits) are split deterministically into train/val/test. CIFAR and
 ImageNet are read from local roots with torchvision (no download).
 
-Batches are dicts: ``image`` (B, C, H, W) normalised, ``label`` (B,), and for inverted images
-``keep_mask`` (B, N_patches) bool.
+Batches are dicts: ``image`` (B, C, H, W) normalised, ``label`` (B,); the pools a downstream stage
+trains on (inverted, noise, real with ``num_train``) add ``index`` (B,) (the row in the pool, for caches)
+and ``keep_index`` (B, K), the kept patch positions. Rows with the same kept count are batched together
+(:class:`_KeptCountBatchSampler`), so a model reads K from the shape and never asks the device.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from core.inverted_images import load_inverted_batches
+from core.image_priors import clamp_to_pixel_range
+from core.inverted_images import load_inverted_pool
 
 # Per-dataset normalisation (mean, std) used when the config gives none.
 NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist5k": ((0.1307,), (0.3081,)),
     "digits": ((0.3,), (0.4,)),
+    "glyphs": ((0.1307,), (0.3081,)),  # MNIST's: a glyph-pretrained student reads the teacher's inputs
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -51,6 +57,62 @@ class TensorDictDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {k: v[i] for k, v in self.columns.items()}
+
+
+class PoolDataset(Dataset):
+    """A training pool of images with the patches each one computes on.
+
+    Args:
+        images: normalised images (N, C, H, W).
+        labels: labels (N,) (targets of the inversion; unused by distillation).
+        keep_mask: bool (N, N_patches); all True for dense images.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, keep_mask: Tensor) -> None:
+        self.images, self.labels, self.keep_mask = images, labels, keep_mask
+        self.keep_index = [row.nonzero().squeeze(1) for row in keep_mask]  # once, at setup
+        self.counts = keep_mask.sum(1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"image": self.images[i], "label": self.labels[i], "keep_index": self.keep_index[i],
+                "index": torch.tensor(i)}
+
+
+class _KeptCountBatchSampler(Sampler[list[int]]):
+    """Shuffled batches whose rows share one kept-patch count (a pool may mix sparsity levels).
+
+    Args:
+        counts: kept count per row (N,).
+        batch_size: rows per batch.
+        shuffle: reshuffle rows and batch order every epoch (seeded by ``seed`` and the epoch).
+        seed: base seed of the shuffling.
+    """
+
+    def __init__(self, counts: Tensor, batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.counts, self.batch_size, self.shuffle, self.seed, self.epoch = counts, batch_size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.counts), generator=gen) if self.shuffle else torch.arange(len(self.counts))
+        batches = []
+        for count in self.counts.unique().tolist():
+            rows = order[self.counts[order] == count].tolist()
+            batches += [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        return batches
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
 
 
 class _Normalised(Dataset):
@@ -116,14 +178,20 @@ class SMIDataModule(L.LightningDataModule):
 
     Args:
         dataset: real dataset for training teachers and for evaluation: ``mnist5k`` and ``digits``
-            ship with PyPI packages (offline); ``cifar10``, ``cifar100``, ``imagenet`` read ``root``.
+            ship with PyPI packages, ``glyphs`` (all 122 printed-character classes, white on black
+            like MNIST) is rendered from matplotlib's fonts (offline); ``cifar10``, ``cifar100``,
+            ``imagenet`` read ``root``.
         root: local dataset root for CIFAR (torchvision layout) or ImageNet (``train/`` and ``val/``
             class folders).
         image_size: side of the square images fed to the models (offline sets are resized).
-        train_source: ``real`` trains on the dataset's train split; ``inverted`` trains on the
-            images written by ``SMIModule`` in ``inverted_dir``.
-        inverted_dir: directory of ``batch_*.pt`` files from the inversion.
+        train_source: ``real`` trains on the dataset's train split (the first ``num_train`` images
+            of it as a pool when ``num_train`` is set: the ceiling of the data-free stages);
+            ``inverted`` on the pool ``SMIModule`` wrote to ``inverted_dir``; ``noise`` on
+            ``num_train`` Gaussian images N(0, I) in normalised space (the floor; release ``--mode 1``).
+        inverted_dir: an inverted pool folder (or its ``manifest.json``); only the batch files its
+            manifest lists are read.
         num_inverted: image budget taken from ``inverted_dir`` (first N, in batch order); all if None.
+        num_train: image budget of ``real`` (a random subset of the train split) and ``noise``.
         batch_size: training batch size.
         eval_batch_size: validation/test batch size.
         val_size: held-out validation images of the offline sets (class-balanced).
@@ -131,18 +199,23 @@ class SMIDataModule(L.LightningDataModule):
         mean: normalisation mean (default: the dataset's, see ``NORMALISATION``).
         std: normalisation std (default: the dataset's).
         max_shift: random translation (pixels) of the offline training images; 0 disables it.
+        patch_size: the models' patch side, to mark every patch of a noise or real pool as kept.
+        glyphs_per_class: rendered instances per glyph class (``dataset: glyphs``).
         num_workers: DataLoader workers.
         seed: seed of the offline splits.
+        pool_seed: seed of the noise draw and of the real subset of ``num_train`` images (the splits
+            stay fixed by ``seed``).
     """
 
     def __init__(
         self,
-        dataset: Literal["mnist5k", "digits", "cifar10", "cifar100", "imagenet"] = "mnist5k",
+        dataset: Literal["mnist5k", "digits", "glyphs", "cifar10", "cifar100", "imagenet"] = "mnist5k",
         root: str | None = None,
         image_size: int = 32,
-        train_source: Literal["real", "inverted"] = "real",
+        train_source: Literal["real", "inverted", "noise"] = "real",
         inverted_dir: str | None = None,
         num_inverted: int | None = None,
+        num_train: int | None = None,
         batch_size: int = 64,
         eval_batch_size: int = 256,
         val_size: int = 500,
@@ -150,13 +223,18 @@ class SMIDataModule(L.LightningDataModule):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         max_shift: int = 0,
+        patch_size: int = 4,
+        glyphs_per_class: int = 40,
         num_workers: int = 0,
         seed: int = 0,
+        pool_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if train_source == "inverted" and not inverted_dir:
             raise ValueError("data.init_args.inverted_dir is required when train_source is 'inverted'")
+        if train_source == "noise" and not num_train:
+            raise ValueError("data.init_args.num_train (how many noise images) is required when train_source is 'noise'")
         if dataset in ("cifar10", "cifar100", "imagenet") and not root:
             raise ValueError(f"data.init_args.root must point to a local {dataset} copy (no downloads)")
         if root and not Path(root).is_dir():
@@ -175,7 +253,10 @@ class SMIDataModule(L.LightningDataModule):
         from datamodules import sources
 
         hp = self.hparams
-        images, labels = sources.mnist5k() if hp.dataset == "mnist5k" else sources.sklearn_digits()
+        if hp.dataset == "glyphs":
+            images, labels = sources.GlyphSet("all", per_class=hp.glyphs_per_class, size=hp.image_size).tensors()
+        else:
+            images, labels = sources.mnist5k() if hp.dataset == "mnist5k" else sources.sklearn_digits()
         if images.shape[-1] != hp.image_size:
             images = F.interpolate(images, size=hp.image_size, mode="bilinear", antialias=True, align_corners=False)
         images = self._normalise(images.clamp(0, 1))
@@ -224,22 +305,48 @@ class SMIDataModule(L.LightningDataModule):
         if self.splits:
             return
         hp = self.hparams
-        self.splits = self._offline_splits() if hp.dataset in ("mnist5k", "digits") else self._torchvision_splits()
+        self.splits = self._offline_splits() if hp.dataset in ("mnist5k", "digits", "glyphs") else self._torchvision_splits()
         if hp.train_source == "inverted":
-            pool = load_inverted_batches(hp.inverted_dir, hp.num_inverted)
+            pool = load_inverted_pool(hp.inverted_dir, hp.num_inverted, key="data.init_args.inverted_dir")
             if pool["images"].shape[1] != len(self.mean):
                 raise ValueError(f"inverted images have {pool['images'].shape[1]} channels, data.mean has {len(self.mean)}")
-            self.splits["train"] = TensorDictDataset(
-                image=self._normalise(pool["images"]), label=pool["labels"], keep_mask=pool["keep_mask"]
-            )
+            self.splits["train"] = PoolDataset(self._normalise(pool["images"]), pool["labels"], pool["keep_mask"])
+        elif hp.train_source == "noise" or hp.num_train:
+            self.splits["train"] = self._floor_or_ceiling_pool()
+
+    def _floor_or_ceiling_pool(self) -> PoolDataset:
+        """``num_train`` noise images or real training images, all patches kept."""
+        hp = self.hparams
+        if hp.train_source == "noise":
+            train = self.splits["val"][0]["image"]
+            gen = torch.Generator().manual_seed(hp.pool_seed)
+            images = torch.randn(hp.num_train, *train.shape, generator=gen)
+            clamp_to_pixel_range(images, torch.tensor(self.mean), torch.tensor(self.std))
+            labels = torch.full((hp.num_train,), -1)
+        else:
+            base = self.splits["train"]
+            base = base.base if isinstance(base, RandomShift) else base  # a pool is not augmented
+            if hp.num_train > len(base):
+                raise ValueError(f"data.init_args.num_train: {hp.num_train} exceeds the {len(base)} training images")
+            picked = torch.randperm(len(base), generator=torch.Generator().manual_seed(hp.pool_seed))[: hp.num_train]
+            rows = [base[i] for i in picked.tolist()]
+            images, labels = torch.stack([r["image"] for r in rows]), torch.stack([r["label"] for r in rows])
+        return PoolDataset(images, labels, torch.ones(len(images), self._num_patches(images), dtype=torch.bool))
+
+    def _num_patches(self, images: Tensor) -> int:
+        side = self.hparams.patch_size
+        return (images.shape[-2] // side) * (images.shape[-1] // side)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         hp = self.hparams
         size = hp.batch_size if split == "train" else hp.eval_batch_size
-        return DataLoader(
-            self.splits[split], batch_size=size, shuffle=shuffle, num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-        )
+        data = self.splits[split]
+        if isinstance(data, PoolDataset):
+            sampler = _KeptCountBatchSampler(data.counts, size, shuffle, hp.seed)
+            return DataLoader(data, batch_sampler=sampler, num_workers=hp.num_workers,
+                              persistent_workers=hp.num_workers > 0)
+        return DataLoader(data, batch_size=size, shuffle=shuffle, num_workers=hp.num_workers,
+                          persistent_workers=hp.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

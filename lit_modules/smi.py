@@ -20,10 +20,16 @@ Equations -> code:
 Run: ``python train.py fit --config configs/smi/demo.yaml``.
 
 Distributed: the image batch is one parameter replicated on every rank; rank r optimises rows
-``[r*b, (r+1)*b)`` (each rank inverts its own images with its own jitter). Its loss is scaled by the
-world size so that DDP's gradient average equals the rank's own gradient, every rank applies the same
-Adam update to the whole tensor, and kept-patch indices are all-gathered, so the state is identical
-everywhere and a checkpoint from rank 0 is complete.
+``[r*b, (r+1)*b)`` (each rank inverts its own images with its own jitter). The cross-entropy is the mean
+over the rank's rows, so after DDP's gradient average each row gets 1/B of its CE gradient, as in one
+process; the image priors (TV, l2) are computed on the whole replicated batch, so their weight against
+the CE does not change with the world size either. Every rank applies the same Adam update to the whole
+tensor, kept-patch indices are all-gathered and the loss that decides the best iterate is all-reduced,
+so every buffer (best images included) is identical everywhere and a checkpoint from rank 0 is complete.
+
+Release differences kept as documentation (docs/methods/smi.md): ``final_mask: reselect`` ranks the
+normalised final images and keeps the tracked count, where the release ranks the de-normalised images
+and keeps int(197 * prod(keep ratios)) = 47 patches (one more than it tracked).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from torch import Tensor
 from core import vit_tokens
 from core.bn_stats import BatchNormStatsPrior
 from core.image_priors import clamp_to_pixel_range, random_roll_flip, total_variation_l1, total_variation_l2
-from core.inverted_images import save_inverted_batch
+from core.inverted_images import prepare_pool_dir, save_inverted_batch, write_manifest
 from core.resumable_range import ResumableRange
 from core.timm_models import create_model
 
@@ -74,11 +80,15 @@ class SMIModule(L.LightningModule):
         mean: per-channel normalisation mean of the teacher's inputs.
         std: per-channel normalisation std of the teacher's inputs.
         labels: target labels per batch: ``random`` (uniform, sorted, as the release) or ``balanced``.
-        return_images: ``best`` returns the lowest-loss iterate; ``last`` reproduces the release, whose
-            best-image tracking aliases the live tensor and so returns the last iterate.
+        return_images: ``best`` returns the iterate whose loss was lowest (the image the loss was
+            computed on, before that step's update); ``last`` reproduces the release, whose best-image
+            tracking aliases the live tensor and so returns the last iterate.
         final_mask: ``tracked`` keeps the patches the inversion actually computed on; ``reselect``
             re-ranks them by a dense forward on the final images (release behaviour; same count).
-        output_dir: where ``batch_XXXX.pt`` and ``.png`` go (default: ``<run dir>/inverted``).
+        output_dir: the pool folder: ``batch_XXXX.pt`` / ``.png``, ``manifest.json`` (what later stages
+            read) and a ``README.md`` card (default: ``<run dir>/inverted``).
+        overwrite: replace a pool already in ``output_dir``; otherwise a fresh run refuses to start
+            there (a resumed run continues its own pool).
         seed: seed of initial images, labels and augmentation (combined with batch, step and rank).
     """
 
@@ -107,6 +117,7 @@ class SMIModule(L.LightningModule):
         return_images: Literal["best", "last"] = "best",
         final_mask: Literal["tracked", "reselect"] = "tracked",
         output_dir: str | None = None,
+        overwrite: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -131,12 +142,13 @@ class SMIModule(L.LightningModule):
         self.images = torch.nn.Parameter(torch.zeros(batch_size, chans, size, size))
         self.register_buffer("labels", torch.zeros(batch_size, dtype=torch.long))
         self.register_buffer("best_images", torch.zeros(batch_size, chans, size, size))
-        self.register_buffer("best_loss", torch.full((batch_size,), math.inf))
+        self.register_buffer("best_loss", torch.tensor(math.inf))
         n = self._num_patches()
         self.register_buffer("kept_index", torch.arange(n).repeat(batch_size, 1))
-        self.register_buffer("best_kept_index", self.kept_index.clone())
+        self.register_buffer("best_keep_mask", torch.ones(batch_size, n, dtype=torch.bool))
         self._augment_next, self._record_scores_next = True, False
         self._scores: Tensor | None = None
+        self._written: list[dict[str, Any]] = []  # manifest entries of the batches written so far
         self.register_load_state_dict_pre_hook(self._resize_kept_buffers)
 
     # ----------------------------------------------------------------------------------- setup
@@ -165,23 +177,30 @@ class SMIModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.images], lr=self.hparams.lr, betas=tuple(self.hparams.betas))
 
+    def _output_dir(self) -> Path:
+        return Path(self.hparams.output_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "inverted")
+
     def setup(self, stage: str) -> None:
         world = self.trainer.world_size
         if self.hparams.batch_size % world:
             raise ValueError(f"model.init_args.batch_size ({self.hparams.batch_size}) must divide by the {world} processes")
+        if stage == "fit" and self.trainer.ckpt_path is None:  # a resumed run continues its own pool
+            prepare_pool_dir(self._output_dir(), self.hparams.overwrite, self.global_rank == 0,
+                             key="model.init_args.output_dir")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Scores recorded for a drop at the next step must survive a checkpoint between the two.
         checkpoint["smi_pending_scores"] = self._scores
+        checkpoint["smi_written_batches"] = self._written
 
     def _resize_kept_buffers(self, _module: Any, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
-        # The kept-index buffers shrink during inversion: take the saved shape before loading.
-        for name in ("kept_index", "best_kept_index"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.device))
+        # The kept-index buffer shrinks during inversion: take the saved shape before loading.
+        if prefix + "kept_index" in state_dict:
+            self.kept_index = torch.empty_like(state_dict[prefix + "kept_index"], device=self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._scores = checkpoint.get("smi_pending_scores")
+        self._written = list(checkpoint.get("smi_written_batches", []))
 
     # ------------------------------------------------------------------ SupportsTokenDropping
     def _require_vit(self) -> None:
@@ -189,6 +208,9 @@ class SMIModule(L.LightningModule):
 
     def token_schedule_step(self) -> int:
         return self.global_step % self.hparams.iterations
+
+    def token_schedule_length(self) -> int:
+        return self.hparams.iterations
 
     def num_kept_patches(self) -> int:
         self._require_vit()
@@ -236,7 +258,9 @@ class SMIModule(L.LightningModule):
         self.kept_index = torch.arange(self._num_patches(), device=self.device).repeat(b, 1)
         self.best_loss.fill_(math.inf)
         self.optimizers().optimizer.state.clear()
-        self._augment_next, self._record_scores_next, self._scores = True, False, None
+        # The augmentation flags stay as the token-dropping callback set them for this step (a drop
+        # at step 1 records its scores at step 0); every step resets them when it ends.
+        self._scores = None
 
     def _forward(self, x: Tensor, kept: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Teacher logits on ``x`` (kept tokens only for ViTs), optional scores, BN prior term."""
@@ -269,51 +293,87 @@ class SMIModule(L.LightningModule):
                 kept = vit_tokens.remap_rolled_flipped(kept, vit_tokens.grid_size(self.teacher), p, shift, flipped)
         logits, scores, bn = self._forward(x_in, kept)
         ce = F.cross_entropy(logits, y)
-        # Eq. (1) of DeepInversion with SMI's defaults (CE + 1e-4 TV_l2); priors on the un-augmented x.
-        # Terms whose weight is 0 are not computed: on the full image they cost as much as a sparse block.
+        # Eq. (1) of DeepInversion with SMI's defaults (CE + 1e-4 TV_l2); priors on the un-augmented
+        # images of the whole (replicated) batch, see the module docstring. Terms whose weight is 0 are
+        # not computed: on the full image they cost as much as a sparse block.
         priors = ((hp.tv_l2_weight, total_variation_l2), (hp.tv_l1_weight, total_variation_l1),
                   (hp.l2_weight, torch.linalg.vector_norm))
-        loss = hp.ce_weight * ce + hp.bn_weight * bn + sum(w * prior(x) for w, prior in priors if w)
+        prior = sum((w * fn(self.images) for w, fn in priors if w), self.images.new_zeros(()))
+        own = hp.ce_weight * ce + hp.bn_weight * bn
+        loss = own + prior
+        self._track_best(self.trainer.strategy.reduce(own.detach(), reduce_op="mean") + prior.detach())
         opt.zero_grad()
-        self.manual_backward(loss * self.trainer.world_size)  # DDP averages; see the module docstring
+        self.manual_backward(loss)
         opt.step()
         with torch.no_grad():
             clamp_to_pixel_range(self.images, self.mean, self.std)
         if scores is not None:
             self._scores = self._gather_rows(scores)  # every rank (and a checkpoint) holds all rows
-        self._track_best(loss.detach(), rows)
         self._augment_next, self._record_scores_next = True, False
         acc = (logits.argmax(-1) == y).float().mean()
         self.log_dict({"train/loss": loss.detach(), "train/loss_ce": ce.detach(), "train/acc": acc}, prog_bar=True)
         if it == hp.iterations - 1:
-            self._finish_batch(batch_id, rows)
+            self._finish_batch(batch_id)
         return loss.detach()
 
     @torch.no_grad()
-    def _track_best(self, loss: Tensor, rows: slice) -> None:
-        # The release's `best_inputs = inputs.data` aliases the live tensor; a copy fixes that.
-        if loss < self.best_loss[rows][0]:
-            self.best_loss[rows] = loss
-            self.best_images[rows] = self.images[rows]
-            self.best_kept_index = self.kept_index.clone()
+    def _track_best(self, loss: Tensor) -> None:
+        """Keep the images ``loss`` was computed on (before this step's update) if it is the lowest.
+
+        ``loss`` is the whole batch's (equal on every rank), so every rank updates every row alike.
+        ``torch.where`` instead of an ``if``: no read-back to the host per step. The release's
+        ``best_inputs = inputs.data`` aliases the live tensor (the last iterate); a copy fixes that.
+        """
+        better = loss < self.best_loss
+        self.best_loss.copy_(torch.where(better, loss, self.best_loss))
+        self.best_images.copy_(torch.where(better, self.images.detach(), self.best_images))
+        mask = torch.zeros_like(self.best_keep_mask).scatter_(1, self.kept_index, True)
+        self.best_keep_mask.copy_(torch.where(better, mask, self.best_keep_mask))
 
     @torch.no_grad()
-    def _finish_batch(self, batch_id: int, rows: slice) -> None:
-        """De-normalise the returned images, mask dropped patches and write them (rank 0)."""
-        use_best = self.hparams.return_images == "best" and torch.isfinite(self.best_loss[rows][0])
-        x = (self.best_images if use_best else self.images)[rows]
-        kept = (self.best_kept_index if use_best else self.kept_index)[rows]
+    def _finish_batch(self, batch_id: int) -> None:
+        """De-normalise the returned images, mask dropped patches, write them and the manifest (rank 0)."""
+        if self.hparams.return_images == "best":
+            x, mask = self.best_images, self.best_keep_mask
+            count = int(mask[0].sum())  # one read-back per batch; every row keeps the same count
+            kept = mask.nonzero()[:, 1].view(len(mask), count)
+        else:
+            x, kept = self.images.detach(), self.kept_index
         if self._is_vit() and self.hparams.final_mask == "reselect":
             _, scores = vit_tokens.forward_kept(self.teacher, x, None, return_cls_attention=True)
             kept = vit_tokens.top_patches(scores, kept.shape[1])
-        pixels = x * self.std.view(1, -1, 1, 1) + self.mean.view(1, -1, 1, 1)
-        pixels, kept, labels = self._gather_rows(pixels), self._gather_rows(kept), self.labels
+        dense = not self._is_vit() or kept.shape[1] == self._num_patches()
+        mean, std = self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1)
+        pixels = x * std + mean
+        if not dense:  # what a later stage sees: dropped patches black, the kept tokens only
+            pixel_mask = vit_tokens.patch_mask_to_pixels(kept, vit_tokens.grid_size(self.teacher),
+                                                         self.teacher.patch_embed.patch_size[0])
+            pixels = pixels * pixel_mask
+        logits, _, _ = self._forward((pixels - mean) / std, kept)  # the teacher on what is stored
         if self.global_rank != 0:
             return
-        out = Path(self.hparams.output_dir or Path(self.trainer.log_dir or ".") / "inverted")
+        out = self._output_dir()
         patch = self.teacher.patch_embed.patch_size[0] if self._is_vit() else 1
         grid = vit_tokens.grid_size(self.teacher) if self._is_vit() else (1, 1)
-        png = save_inverted_batch(out / f"batch_{batch_id:04d}", pixels, labels, kept, grid, patch)
+        stem = out / f"batch_{batch_id:04d}"
+        png = save_inverted_batch(stem, pixels, self.labels, kept, grid, patch, logits.argmax(-1))
+        self._written = [e for e in self._written if e["file"] != stem.with_suffix(".pt").name]
+        self._written.append({"file": stem.with_suffix(".pt").name, "images": len(pixels),
+                              "kept_patches": int(kept.shape[1]) if self._is_vit() else 1})
+        write_manifest(out, self._written, self._pool_settings())
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="inverted", images=[str(png)], step=self.global_step)
+
+    def _pool_settings(self) -> dict[str, Any]:
+        """What produced the pool, for its manifest and card."""
+        hp = self.hparams
+        settings = {k: hp[k] for k in ("teacher", "teacher_kwargs", "teacher_checkpoint", "batch_size", "num_batches",
+                                       "iterations", "lr", "ce_weight", "tv_l2_weight", "bn_weight", "labels",
+                                       "return_images", "final_mask", "seed")}
+        settings["mean"], settings["std"] = list(hp.mean), list(hp.std)
+        dropping = [c for c in self.trainer.callbacks if hasattr(c, "prune_iterations")]
+        settings["prune_iterations"] = dropping[0].prune_iterations if dropping else []
+        settings["keep_ratios"] = dropping[0].keep_ratios if dropping else []
+        settings["patches"] = self._num_patches() if self._is_vit() else 1
+        return settings

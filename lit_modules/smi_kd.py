@@ -8,8 +8,15 @@ cost less to distil from as well.
     L_KD = T^2 KL(softmax(f_t(x) / T) || softmax(f_s(x) / T)),  T = 20     -> ``core.kd.kd_kl_div``
 
 The paper's student is an ImageNet-pretrained DeiT whose backbone is frozen (linear probe,
-``linear_probe: true``) with SGD 0.1 / momentum 0.9 / wd 1e-4. Offline there are no pretrained ViTs,
-so the demo trains a small student from scratch (``linear_probe: false``).
+``linear_probe: true``) with SGD 0.1 / momentum 0.9 / wd 1e-4. Offline, the demo's student is the
+teacher's architecture pre-trained on printed glyphs (configs/smi/demo_student.yaml): good frozen
+features that are not the teacher's.
+
+Speed: for a fixed pool (no augmentation) the frozen teacher's logits and, for a linear probe, the
+frozen student's features depend on the image only, so they are computed once per image when training
+starts (``cache_frozen_outputs``) and each step trains the head on the cached features.
+Release difference (documented, not reproduced): ``test_kt.py`` randomly flips pool images
+horizontally during distillation.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ class SMIDistillationModule(L.LightningModule):
         momentum: SGD momentum (paper: 0.9).
         weight_decay: SGD weight decay (paper: 1e-4).
         sparse_tokens: run teacher and student on each image's kept patches (paper); ``false`` feeds
-            the masked images densely.
+            the masked images densely. A CNN student always reads the masked image densely.
+        cache_frozen_outputs: compute the teacher's logits (and a linear probe's features) once per
+            pool image at the start of training; needs batches with an ``index`` (SMIDataModule pools).
     """
 
     def __init__(
@@ -64,6 +73,7 @@ class SMIDistillationModule(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         sparse_tokens: bool = True,
+        cache_frozen_outputs: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -74,17 +84,17 @@ class SMIDistillationModule(L.LightningModule):
         self.student = create_model(
             student, pretrained_student, student_checkpoint, student_kwargs, key="model.init_args.student"
         )
+        if linear_probe:  # a pre-trained student may come with another head (e.g. 122 glyph classes)
+            self.student.requires_grad_(False)
+            self.student.reset_classifier(self.teacher.num_classes)  # fresh head, trainable
         if self.student.num_classes != self.teacher.num_classes:
             raise ValueError(
                 f"model.init_args.student_kwargs.num_classes ({self.student.num_classes}) must equal the "
                 f"teacher's ({self.teacher.num_classes})"
             )
-        if linear_probe:
-            self.student.requires_grad_(False)
-            self.student.reset_classifier(self.teacher.num_classes)  # fresh head, trainable
         if sparse_tokens:
             vit_tokens.require_vit(self.teacher, "model.init_args.teacher (sparse_tokens: true)")
-            vit_tokens.require_vit(self.student, "model.init_args.student (sparse_tokens: true)")
+        self._cache: dict[str, Tensor] | None = None
         self.acc = torch.nn.ModuleDict({
             f"{split}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.teacher.num_classes)
             for split in ("val", "test")
@@ -100,12 +110,46 @@ class SMIDistillationModule(L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.student(images)
 
+    def _tokens(self, batch: dict[str, Tensor]) -> Tensor | None:
+        return batch.get("keep_index") if self.hparams.sparse_tokens else None
+
+    def _run(self, model: torch.nn.Module, batch: dict[str, Tensor], pre_logits: bool = False) -> Tensor:
+        if not isinstance(model, vit_tokens.VisionTransformer):
+            return model.forward_head(model.forward_features(batch["image"]), pre_logits=pre_logits)
+        return vit_tokens.forward_kept(model, batch["image"], self._tokens(batch), pre_logits=pre_logits)[0]
+
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        """Cache the frozen outputs of every pool image (one pass over the training loader)."""
+        self._cache = None
+        loader = self.trainer.train_dataloader
+        if not self.hparams.cache_frozen_outputs or not hasattr(loader, "dataset"):
+            return
+        cache: dict[str, Tensor] = {}
+        for batch in loader:
+            if "index" not in batch:
+                return  # not a pool: compute per step
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            outputs = {"teacher": self._run(self.teacher, batch)}
+            if self.hparams.linear_probe:
+                outputs["features"] = self._run(self.student, batch, pre_logits=True)
+            for name, value in outputs.items():
+                if name not in cache:
+                    cache[name] = value.new_zeros(len(loader.dataset), value.shape[1])
+                cache[name][batch["index"]] = value
+        self._cache = cache
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        mask = batch.get("keep_mask") if self.hparams.sparse_tokens else None
-        with torch.no_grad():
-            teacher_logits = vit_tokens.forward_masked(self.teacher, batch["image"], mask)
-        student_logits = vit_tokens.forward_masked(self.student, batch["image"], mask)
-        loss = kd_kl_div(student_logits, teacher_logits, self.hparams.temperature)
+        if self._cache is not None:
+            teacher_logits = self._cache["teacher"][batch["index"]]
+        else:
+            with torch.no_grad():
+                teacher_logits = self._run(self.teacher, batch)
+        if self._cache is not None and "features" in self._cache:
+            student_logits = self.student.get_classifier()(self._cache["features"][batch["index"]])
+        else:
+            student_logits = self._run(self.student, batch)
+        loss = kd_kl_div(student_logits, teacher_logits, self.hparams.temperature)  # L_KD
         agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
         self.log_dict({"train/loss_kd": loss, "train/teacher_agreement": agree}, prog_bar=True)
         return loss

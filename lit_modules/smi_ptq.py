@@ -3,7 +3,9 @@
 Hu et al., ICML 2024, Sec. 5 (release: ``test_quant.py``): the quantiser of PSAQ-ViT (Li et al.,
 ECCV 2022) -- per-channel min/max weights, per-tensor min/max activations, no reconstruction --
 records its activation ranges on N inverted images (paper: 32), each run on the sparse token set it
-was synthesised with, and the quantised model is then evaluated densely on real held-out data.
+was synthesised with, and the quantised model is then evaluated densely on real held-out data. The
+ranges are those of the float network (quantisation off while recording, as PSAQ and the release);
+``core.quantization.calibration`` switches quantisation off and back on.
 
 Stages map to Lightning as: ``fit`` = one calibration epoch over the inverted images (no optimiser;
 ranges freeze at the end of the epoch, then validation reports quantised and float accuracy);
@@ -81,9 +83,9 @@ class SMIQuantizationModule(L.LightningModule):
         self._calibrating.__enter__()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        mask = batch.get("keep_mask") if self.hparams.sparse_tokens else None
+        index = batch.get("keep_index") if self.hparams.sparse_tokens else None
         with torch.no_grad():
-            vit_tokens.forward_masked(self.quantized, batch["image"], mask)
+            vit_tokens.forward_kept(self.quantized, batch["image"], index)
         self.log("train/calibration_images", float(len(batch["image"])), reduce_fx="sum", on_step=False, on_epoch=True)
 
     def _freeze_ranges(self) -> None:

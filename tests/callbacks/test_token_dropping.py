@@ -30,6 +30,9 @@ class TokenDroppingClassifier(L.LightningModule):
     def token_schedule_step(self) -> int:
         return self.global_step
 
+    def token_schedule_length(self) -> int:
+        return 10
+
     def num_kept_patches(self) -> int:
         return self.keep
 
@@ -82,7 +85,7 @@ def test_protocol_error_names_the_missing_methods() -> None:
             return 0
 
     with pytest.raises(TypeError, match=r"Plain must implement SupportsTokenDropping.*missing method\(s\): "
-                                         r"num_kept_patches, prepare_token_drop, drop_patches"):
+                                         r"token_schedule_length, num_kept_patches, prepare_token_drop, drop_patches"):
         SparseTokenDropping().setup(None, Plain(), "fit")
 
 
@@ -99,6 +102,11 @@ def test_protocol_error_names_the_missing_methods() -> None:
 def test_bad_schedules_are_rejected(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SparseTokenDropping(**kwargs)
+
+
+def test_events_at_or_beyond_the_schedule_are_refused_at_setup() -> None:
+    with pytest.raises(ValueError, match=r"prune_iterations \[10, 12\] lie at or beyond the 10 steps"):
+        fit(TokenDroppingClassifier(), SparseTokenDropping([2, 10, 12], 0.5), steps=3)
 
 
 def test_state_round_trip_and_schedule_mismatch() -> None:

@@ -211,3 +211,31 @@ def test_distilled_deit_quantises_and_runs(images):
         ref = deit(x)
         assert _rel_err(q16(x), ref) < 1e-3
         assert q8(x).shape == (4, 10) and _rel_err(q8(x), ref) < 0.2
+
+
+def test_calibration_records_the_float_networks_ranges(vit, images):
+    # PSAQ-ViT and the SMI release record ranges with quantisation off; at W4/A4 the fake-quantised
+    # network's logits lie far from the float ones, so a range recorded through it would differ.
+    _, calib = images
+    qmodel = _calibrated(vit, calib, 4, 4)
+    with torch.no_grad():
+        logits = vit(calib)
+        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(calib))))
+    torch.testing.assert_close(qmodel.head.quant.x_min, logits.min())
+    torch.testing.assert_close(qmodel.head.quant.x_max, logits.max())
+    torch.testing.assert_close(qmodel.pos_drop.quant.x_max, tokens.max())
+    assert all(m.enabled for m in qmodel.modules() if isinstance(m, (QuantLinear, QuantConv2d)))
+    with torch.no_grad():
+        assert _rel_err(qmodel(calib), logits) > 1e-2  # quantisation is back on after calibration
+
+
+def test_frozen_weight_quantisation_is_cached_until_the_weight_changes():
+    layer = QuantLinear(nn.Linear(6, 5), bits=4)
+    layer.weight.requires_grad_(False)
+    first = layer.quant_weight()
+    assert layer.quant_weight() is first
+    torch.testing.assert_close(first, fake_quant_weight(layer.weight, 4))
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # in-place update: the version counter moves
+    torch.testing.assert_close(layer.quant_weight(), fake_quant_weight(layer.weight, 4))
+    assert layer.quant_weight() is not first

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import train
-from core.inverted_images import save_inverted_batch
+from core.inverted_images import save_inverted_batch, write_manifest
 from core.timm_models import export_weights
 
 REPO = Path(__file__).resolve().parents[1].parent
@@ -26,9 +26,16 @@ def demo_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **DEMO_VIT)
     weights = export_weights(vit, root / "vit.safetensors")
+    cnn = timm.create_model("resnet10t", pretrained=False, in_chans=1, num_classes=122)
+    student = export_weights(cnn, root / "cnn.safetensors")
     keep = torch.stack([torch.randperm(64)[:14] for _ in range(8)])
     save_inverted_batch(root / "inverted" / "batch_0000", torch.rand(8, 1, 32, 32), torch.arange(8), keep, (8, 8), 4)
-    return {"weights": weights, "inverted": root / "inverted"}
+    write_manifest(root / "inverted", [{"file": "batch_0000.pt", "images": 8, "kept_patches": 14}],
+                   {"teacher": "vit", "teacher_checkpoint": None, "iterations": 1, "lr": 0.25, "ce_weight": 1.0,
+                    "tv_l2_weight": 0.0, "bn_weight": 0.0, "labels": "random", "seed": 0, "prune_iterations": [],
+                    "keep_ratios": [], "patches": 64, "return_images": "best", "final_mask": "tracked",
+                    "mean": [0.5], "std": [0.5]})
+    return {"weights": weights, "student": student, "inverted": root / "inverted"}
 
 
 def run(config: str, tmp_path: Path, *extra: str) -> train.LightningCLI:
@@ -44,9 +51,10 @@ def test_demo_training_stages(config: str, tmp_path: Path) -> None:
 
 def test_demo_inversion(demo_files: dict, tmp_path: Path) -> None:
     cli = run("demo.yaml", tmp_path, f"--model.init_args.teacher_checkpoint={demo_files['weights']}",
-              f"--model.init_args.output_dir={tmp_path / 'inv'}", "--model.init_args.iterations=1",
-              "--model.init_args.batch_size=4")
-    assert cli.trainer.global_step == 1 and (tmp_path / "inv" / "batch_0000.pt").is_file()
+              f"--model.init_args.output_dir={tmp_path / 'inv'}", "--model.init_args.iterations=32",
+              "--model.init_args.batch_size=4", "--trainer.fast_dev_run=32")  # the demo's schedule ends at 30
+    assert cli.trainer.global_step == 32 and (tmp_path / "inv" / "batch_0000.pt").is_file()
+    assert (tmp_path / "inv" / "manifest.json").is_file() and (tmp_path / "inv" / "README.md").is_file()
 
 
 @pytest.mark.parametrize("config", ["demo_kd.yaml", "demo_ptq.yaml"])
@@ -54,7 +62,8 @@ def test_demo_downstream(config: str, demo_files: dict, tmp_path: Path) -> None:
     weights = demo_files["weights"]
     extra = [f"--data.init_args.inverted_dir={demo_files['inverted']}"]
     if config == "demo_kd.yaml":
-        extra += [f"--model.init_args.teacher_checkpoint={weights}", f"--model.init_args.student_checkpoint={weights}"]
+        extra += [f"--model.init_args.teacher_checkpoint={weights}",
+                  f"--model.init_args.student_checkpoint={demo_files['student']}"]
     else:
         extra += [f"--model.init_args.checkpoint={weights}"]
     cli = run(config, tmp_path, *extra)

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from core.kd import kd_kl_div
 from core.quantization import QuantAct, calibration
 from core.timm_models import export_weights
-from core.vit_tokens import forward_masked
-from datamodules.smi import TensorDictDataset
+from core.vit_tokens import forward_kept
+from datamodules.smi import PoolDataset, TensorDictDataset
 from lit_modules.smi_kd import SMIDistillationModule
 from lit_modules.smi_ptq import SMIQuantizationModule
 
@@ -38,8 +38,7 @@ class Data(L.LightningDataModule):
         mask = torch.zeros(32, 16, dtype=torch.bool)
         for row in mask:
             row[torch.randperm(16, generator=gen)[:keep]] = True
-        self.train = TensorDictDataset(image=torch.randn(32, 3, 16, 16, generator=gen), label=torch.zeros(32).long(),
-                                       keep_mask=mask)
+        self.train = PoolDataset(torch.randn(32, 3, 16, 16, generator=gen), torch.zeros(32).long(), mask)
         self.eval = TensorDictDataset(image=torch.randn(24, 3, 16, 16, generator=gen) * 3,
                                       label=torch.randint(4, (24,), generator=gen))
 
@@ -65,7 +64,7 @@ def test_ptq_calibrates_on_sparse_tokens_and_validation_never_widens_ranges(teac
     reference = SMIQuantizationModule("vit_tiny_patch16_224", VIT, teacher_file, weight_bits=8, act_bits=8)
     with torch.no_grad(), calibration(reference.quantized):
         for batch in data.train_dataloader():
-            forward_masked(reference.quantized, batch["image"], batch["keep_mask"])
+            forward_kept(reference.quantized, batch["image"], batch["keep_index"])
     ranges = [(q.x_min, q.x_max) for q in module.quantized.modules() if isinstance(q, QuantAct)]
     expected = [(q.x_min, q.x_max) for q in reference.quantized.modules() if isinstance(q, QuantAct)]
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(ranges, expected))
@@ -98,6 +97,21 @@ def test_kd_linear_probe_trains_only_the_head_on_sparse_tokens(teacher_file) -> 
     assert seen[0] == 6
 
 
+def test_kd_cache_of_frozen_outputs_changes_nothing_but_the_cost(teacher_file) -> None:
+    heads = []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        module = SMIDistillationModule(teacher="vit_tiny_patch16_224", teacher_kwargs=VIT,
+                                       teacher_checkpoint=teacher_file, student="vit_tiny_patch16_224",
+                                       student_kwargs=VIT, linear_probe=True, lr=0.5, cache_frozen_outputs=cache)
+        calls: list[int] = []
+        module.teacher.blocks[0].register_forward_pre_hook(lambda _m, _a, calls=calls: calls.append(1))
+        trainer(max_epochs=3, num_sanity_val_steps=0, limit_val_batches=0).fit(module, datamodule=Data())
+        heads.append((module.student.head.weight.detach().clone(), len(calls)))
+    torch.testing.assert_close(heads[0][0], heads[1][0], rtol=1e-5, atol=1e-6)
+    assert heads[0][1] == 4 and heads[1][1] == 12  # 4 batches: once in all vs once per epoch
+
+
 def test_kd_moves_the_student_towards_the_teacher(teacher_file) -> None:
     module = SMIDistillationModule(teacher="vit_tiny_patch16_224", teacher_kwargs=VIT, teacher_checkpoint=teacher_file,
                                    student="vit_tiny_patch16_224", student_kwargs=VIT, linear_probe=False,
@@ -116,11 +130,39 @@ def test_kd_moves_the_student_towards_the_teacher(teacher_file) -> None:
 def test_downstream_modules_reject_bad_input(teacher_file, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="student_kwargs.num_classes"):
         SMIDistillationModule(teacher="vit_tiny_patch16_224", teacher_kwargs=VIT, teacher_checkpoint=teacher_file,
-                              student="vit_tiny_patch16_224", student_kwargs={**VIT, "num_classes": 3})
-    with pytest.raises(TypeError, match="model.init_args.student"):
-        SMIDistillationModule(teacher="vit_tiny_patch16_224", teacher_kwargs=VIT, teacher_checkpoint=teacher_file,
+                              student="vit_tiny_patch16_224", student_kwargs={**VIT, "num_classes": 3},
+                              linear_probe=False)  # a linear probe resets the head to the teacher's classes
+    with pytest.raises(TypeError, match="model.init_args.teacher"):
+        SMIDistillationModule(teacher="resnet10t", teacher_kwargs={"num_classes": 4},
                               student="resnet10t", student_kwargs={"num_classes": 4})
     with pytest.raises(TypeError, match="model.init_args.model"):
         SMIQuantizationModule("resnet10t", {"num_classes": 4})
     with pytest.raises(FileNotFoundError, match="model.init_args.checkpoint"):
         SMIQuantizationModule("vit_tiny_patch16_224", VIT, str(tmp_path / "nope.pth"))
+
+
+def test_pool_batches_share_one_kept_count_and_cover_every_row() -> None:
+    from datamodules.smi import _KeptCountBatchSampler
+
+    counts = torch.tensor([3, 5, 3, 5, 5, 3, 3, 64])
+    sampler = _KeptCountBatchSampler(counts, batch_size=2, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(len(set(counts[b].tolist())) == 1 for b in batches)
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # reshuffled every epoch
+
+
+def test_noise_and_real_pools_are_dense_and_sized_by_num_train() -> None:
+    from datamodules.smi import SMIDataModule
+
+    for source in ("noise", "real"):
+        dm = SMIDataModule(dataset="digits", image_size=16, train_source=source, num_train=24, val_size=100,
+                           test_size=100, patch_size=4)
+        dm.setup()
+        batch = next(iter(dm.train_dataloader()))
+        assert len(dm.splits["train"]) == 24 and batch["keep_index"].shape == (24, 16)
+        lo = (0 - dm.mean[0]) / dm.std[0]
+        assert batch["image"].min() >= lo - 1e-6  # noise is clamped to the valid pixel range too
+    with pytest.raises(ValueError, match="data.init_args.num_train"):
+        SMIDataModule(dataset="digits", train_source="noise")
