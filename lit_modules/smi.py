@@ -48,6 +48,7 @@ from core.bn_stats import BatchNormStatsPrior
 from core.image_priors import clamp_to_pixel_range, random_roll_flip, total_variation_l1, total_variation_l2
 from core.inverted_images import prepare_pool_dir, save_inverted_batch, write_manifest
 from core.resumable_range import ResumableRange
+from core.run_dir import run_directory
 from core.timm_models import create_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,7 +179,7 @@ class SMIModule(L.LightningModule):
         return torch.optim.Adam([self.images], lr=self.hparams.lr, betas=tuple(self.hparams.betas))
 
     def _output_dir(self) -> Path:
-        return Path(self.hparams.output_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "inverted")
+        return Path(self.hparams.output_dir or run_directory(self.trainer) / "inverted")
 
     def setup(self, stage: str) -> None:
         world = self.trainer.world_size

@@ -8,7 +8,6 @@ on CIFAR (the teachers of the paper's knowledge-transfer experiment are not publ
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 
+from core.run_dir import run_directory
 from core.timm_models import create_model, export_weights
 
 
@@ -92,6 +92,7 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_fit_end(self) -> None:
+        folder = run_directory(self.trainer)  # a collective call: every rank
         if self.global_rank == 0:
-            path = self.hparams.export_path or Path(self.trainer.log_dir or ".") / "model.safetensors"
+            path = self.hparams.export_path or folder / "model.safetensors"
             export_weights(self.model, path)
