@@ -93,7 +93,8 @@ def pretrain(cache: Path, quick: bool) -> Path:
     """The backbone of stage 1, reused when the config, overrides and code that produce it are unchanged."""
     overrides = ["--trainer.max_epochs=1", "--data.init_args.glyph_per_class=30"] if quick else []
     sources = [CONFIGS / "demo_pretrain.yaml", REPO / "lit_modules" / "asp_pretrain.py",
-               REPO / "datamodules" / "asp_pretrain.py", REPO / "datamodules" / "sources" / "glyphs.py"]
+               REPO / "datamodules" / "asp_pretrain.py", REPO / "datamodules" / "sources" / "glyphs.py",
+               REPO / "datamodules" / "sources" / "glyph_classes.py", REPO / "datamodules" / "sources" / "glyph_fonts.py"]
     path = cache / f"backbone-{stage_hash(overrides, sources)}.safetensors"
     if not path.is_file():
         train.cli_main(["fit", "--config", str(CONFIGS / "demo_pretrain.yaml"), *QUIET, *overrides,
