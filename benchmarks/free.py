@@ -136,7 +136,7 @@ def score(learner: Conv4, episodes: dict) -> dict:
     return out
 
 
-def train_free(zoo: Path, cfg: dict, seed: int, alignment: bool, first_order: bool) -> tuple[FREEModule, dict]:
+def train_free(zoo: Path, cfg: dict, seed: int, row: str, alignment: bool, first_order: bool) -> tuple[FREEModule, dict]:
     module = FREEModule(zoo=str(zoo), warmup=cfg["warmup"], replay_batches=cfg["replay_batches"],
                         episode_batch=cfg["episode_batch"], holdout_teachers=cfg["holdout"], alignment=alignment,
                         first_order=first_order, rng_seed=seed, **FREE_ARGS)
@@ -151,7 +151,9 @@ def train_free(zoo: Path, cfg: dict, seed: int, alignment: bool, first_order: bo
     torch.manual_seed(seed)
     callbacks = [Curve()] + ([GradientAlignment(**ALIGN)] if alignment else [])
     start = time.perf_counter()
-    _quiet_trainer(max_epochs=cfg["steps"] // cfg["val_every"], callbacks=callbacks).fit(module, datamodule=data)
+    run_dir = Path("runs/benchmarks/free") / f"{'quick' if cfg is QUICK else 'full'}_{row}_seed{seed}"
+    _quiet_trainer(max_epochs=cfg["steps"] // cfg["val_every"], callbacks=callbacks,
+                   default_root_dir=str(run_dir)).fit(module, datamodule=data)
     seconds = time.perf_counter() - start
     module.learner.load_state_dict(module.best_state)
     return module, {"val_curve": curve, "train_seconds": seconds, "chosen": int(torch.tensor(curve).argmax())}
@@ -275,7 +277,7 @@ def main() -> None:
         rows.setdefault("random_init", {})[seed] = score(transductive(Conv4(1, 32, N_WAY, cfg["size"])), episodes)
         for row, alignment, first_order in (("no_alignment", False, False), ("free_first_order", True, True),
                                             ("free", True, False)):
-            module, info = train_free(zoo, cfg, seed, alignment, first_order)
+            module, info = train_free(zoo, cfg, seed, row, alignment, first_order)
             rows.setdefault(row, {})[seed] = score(module.learner, episodes)
             raw["training"][f"{row}/{seed}"] = info
             print(f"seed {seed} {row}: val {info['val_curve']} in {info['train_seconds']:.0f} s", flush=True)

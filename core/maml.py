@@ -7,7 +7,8 @@ or treating the inner gradients as constants (first order, ``first_order=True``)
 
 The network must use batch statistics in every BatchNorm (transductive BN, as the few-shot releases
 do at train and test time): :func:`transductive` converts a model in place. Episodes are mapped with
-``torch.func.vmap`` (chunked), so 600 test episodes are a few large batched passes, not a Python loop.
+``torch.func.vmap`` (chunked), so 600 test episodes are a few large batched passes, not a Python loop
+(first order; the second-order meta-batch of replay is a loop over its few episodes, see ``maml_query``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ def maml_query(model: nn.Module, params: dict[str, Tensor], support: Tensor, que
         logits = functional_call(model, fast, (xq,))
         return F.cross_entropy(logits, yq), (logits.argmax(-1) == yq).float().mean()
 
-    return vmap(one, chunk_size=chunk_size, randomness="error")(support.flatten(1, 2), query.flatten(1, 2))
+    xs, xq = support.flatten(1, 2), query.flatten(1, 2)
+    if first_order:
+        return vmap(one, chunk_size=chunk_size, randomness="error")(xs, xq)
+    # Second order loops over the episodes of the meta-batch: under vmap, the double backward of a
+    # batch-statistics BatchNorm is wrong in torch 2.14 (tests/core/test_free_core.py compares with autograd).
+    losses, accs = zip(*(one(xs[i], xq[i]) for i in range(e)))
+    return torch.stack(losses), torch.stack(accs)
 
 
 def maml_accuracy(model: nn.Module, support: Tensor, query: Tensor, steps: int = 10, lr: float = 0.01,

@@ -97,7 +97,7 @@ def load_zoo(path: str | Path, key: str = "zoo", check_hash: bool = True) -> tup
         try:
             model.load_state_dict(load_file(str(file)))
         except RuntimeError as err:
-            first = str(err).splitlines()[0]
+            first = ([line.strip() for line in str(err).splitlines()[1:]] or [str(err)])[0]
             raise ValueError(f"{key}={path}: teacher {i} weights do not fit architecture {teacher.arch} "
                              f"{teacher.arch_kwargs}: {first}") from err
         models.append(model.eval().requires_grad_(False))
