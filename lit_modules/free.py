@@ -128,8 +128,10 @@ class FREEModule(L.LightningModule):
         self.channels, self.image_size = kwargs["in_channels"], kwargs["image_size"]
         self.teachers = torch.nn.ModuleList(teachers)
         self.register_buffer("classes", torch.tensor([r.classes for r in self.records]), persistent=False)
-        self.learner = transductive(Conv4(self.channels, hidden, replay_n_way, self.image_size))
-        self.generator = Generator(nz, ngf, self.image_size, self.channels)
+        with torch.random.fork_rng(devices=[]):  # initial weights depend on rng_seed only, not on the global RNG
+            torch.manual_seed(rng_seed)
+            self.learner = transductive(Conv4(self.channels, hidden, replay_n_way, self.image_size))
+            self.generator = Generator(nz, ngf, self.image_size, self.channels)
         n_classes = meta.get("n_classes", int(self.classes.max()) + 1)
         self.pool = TaskPool(n_classes, pool_capacity, pool_quantize)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))

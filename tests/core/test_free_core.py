@@ -206,3 +206,12 @@ def test_distillation_losses_against_references() -> None:
     p_s = s.softmax(-1)
     torch.testing.assert_close(hard_sample_loss(s, t, release=True),
                                -(agree * (p_s * (p_s.log() - t.softmax(-1))).sum(-1)).mean())
+
+
+def test_step_source_restarts_each_epoch_when_the_loop_stops_after_len_items() -> None:
+    from core.resumable_range import ResumableRange
+
+    steps = ResumableRange(3)
+    for _epoch in range(2):  # Lightning takes len() items and never exhausts the generator
+        it = iter(steps)
+        assert [next(it) for _ in range(3)] == [0, 1, 2]
