@@ -6,6 +6,10 @@ on the same fixed ``meta_test`` episodes for every row (classes unseen by every 
 on ``meta_val`` episodes only (ProtoNet accuracy, every ``val_every`` steps). One meta-learner per row and
 seed is trained with 5-shot replay episodes and scored at both shots (the release trains one per shot).
 
+Scale (one CPU core): 16 px glyphs, 20 teachers, 48 FREE steps (8 warm-up) with 2 replay meta-batches of
+4 episodes each, generator nz 64 / ngf 16, 50 images per teacher, outer lr 5e-3 for every learned row (the
+release runs 1000 steps with >= 100 replay episodes each at lr 1e-3).
+
 Rows: ``random_init`` (floor: an untrained Conv4), ``averaging`` (parameter average of the teachers),
 ``no_alignment`` (FREE without the alignment step: pool replay only), ``free_first_order`` (first-order
 MAML replay), ``free``, and ``real_data`` (ceiling: the same MAML replay on real meta-train episodes, as
@@ -13,7 +17,7 @@ many meta-updates as FREE makes). Also: ``recovery_speedup_*`` (trained meta-gen
 generator on held-out teachers, steps and seconds to the CE the fresh one reaches in ``fresh_steps``)
 and ``zoo_speedup`` (one stacked epoch vs the same epoch as a loop over teachers).
 
-    python benchmarks/free.py              # the full run (~25 min on one unloaded core)
+    python benchmarks/free.py              # the full run: 1 training seed (--seeds 0 1 2 for more), 600 episodes
     python benchmarks/free.py --quick      # smoke run, about two minutes
 
 Writes ``benchmarks/results/free.json`` and ``free_raw.json`` (every episode accuracy of every row, shot
@@ -49,9 +53,9 @@ from lit_modules.model_zoo import ZooModule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHOTS, N_WAY, N_QUERY, EVAL_SEED = (1, 5), 5, 15, 12345
-FULL = dict(size=16, teachers=24, holdout=2, zoo_per_class=60, zoo_epochs=12, steps=60, warmup=10, val_every=10,
-            val_episodes=100, test_episodes=600, replay_batches=2, episode_batch=4, seeds=[0, 1], fresh_steps=200,
-            recovery_seeds=3)
+FULL = dict(size=16, teachers=20, holdout=2, zoo_per_class=60, zoo_epochs=10, steps=48, warmup=8, val_every=8,
+            val_episodes=100, test_episodes=600, replay_batches=2, episode_batch=4, seeds=[0], fresh_steps=200,
+            recovery_seeds=2)
 QUICK = dict(size=16, teachers=8, holdout=2, zoo_per_class=30, zoo_epochs=2, steps=6, warmup=2, val_every=3,
              val_episodes=20, test_episodes=40, replay_batches=1, episode_batch=2, seeds=[0], fresh_steps=30,
              recovery_seeds=1)
@@ -258,46 +262,62 @@ def summarise(raw: dict) -> dict:
             + acc["random_init"]["5"]["ci95"]}
 
 
+def write(args: argparse.Namespace, raw: dict, extra: dict) -> dict:
+    """Summarise what is there and write both files (after every row, so an interrupted run keeps its rows)."""
+    teachers = read_manifest(extra.pop("zoo"))[1]
+    result = {"quick": args.quick, **extra, **(summarise(raw) if _complete(raw) else {"partial_rows": list(raw["rows"])}),
+              "teacher_accuracy_mean": sum(t.accuracy for t in teachers) / len(teachers), "config": raw["config"]}
+    if "recovery" in raw:
+        result.update({k: raw["recovery"][k] for k in ("recovery_speedup_steps", "recovery_speedup_seconds")})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    args.out.with_name(args.out.stem + "_raw.json").write_text(json.dumps(raw))
+    return result
+
+
+def _complete(raw: dict) -> bool:
+    return {"random_init", "averaging", "no_alignment", "free_first_order", "free", "real_data"} <= set(raw["rows"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (minutes)")
     parser.add_argument("--out", type=Path, default=RESULTS / "free.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the mode's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    cfg["seeds"] = args.seeds or cfg["seeds"]
     t0 = time.perf_counter()
     zoo, zoo_seconds = build_zoo(cfg)
-    speed = zoo_speedup(cfg)
+    extra = {**zoo_speedup(cfg), "zoo_train_seconds": zoo_seconds}
     episodes = test_episodes(cfg)
     raw: dict = {"config": cfg, "free_args": FREE_ARGS, "alignment": ALIGN, "rows": {}, "training": {}}
     rows = raw["rows"]
-    for seed in cfg["seeds"]:
+
+    def save() -> dict:
+        return write(args, raw, {**extra, "zoo": zoo, "wall_seconds": time.perf_counter() - t0})
+
+    rows["averaging"] = {0: score(averaged_teachers(zoo, cfg), episodes)}
+    for seed in cfg["seeds"]:  # floor and ceiling first: an interrupted run still has the protocol's validity
         torch.manual_seed(seed)
         rows.setdefault("random_init", {})[seed] = score(transductive(Conv4(1, 32, N_WAY, cfg["size"])), episodes)
-        for row, alignment, first_order in (("no_alignment", False, False), ("free_first_order", True, True),
-                                            ("free", True, False)):
+        n_updates = (cfg["steps"] - cfg["warmup"]) * cfg["replay_batches"]
+        learner, info = train_real(cfg, seed, n_updates)
+        rows.setdefault("real_data", {})[seed] = score(learner, episodes)
+        raw["training"][f"real_data/{seed}"] = info
+        save()
+        for row, alignment, first_order in (("free", True, False), ("no_alignment", False, False),
+                                            ("free_first_order", True, True)):
             module, info = train_free(zoo, cfg, seed, row, alignment, first_order)
             rows.setdefault(row, {})[seed] = score(module.learner, episodes)
             raw["training"][f"{row}/{seed}"] = info
             print(f"seed {seed} {row}: val {info['val_curve']} in {info['train_seconds']:.0f} s", flush=True)
             if row == "free" and seed == cfg["seeds"][0]:
                 raw["recovery"] = recovery(module.generator.state_dict(), zoo, cfg)
-        n_updates = (cfg["steps"] - cfg["warmup"]) * cfg["replay_batches"]
-        learner, info = train_real(cfg, seed, n_updates)
-        rows.setdefault("real_data", {})[seed] = score(learner, episodes)
-        raw["training"][f"real_data/{seed}"] = info
-    rows["averaging"] = {0: score(averaged_teachers(zoo, cfg), episodes)}
-    teachers = read_manifest(zoo)[1]
-    summary = summarise(raw)
-    result = {"quick": args.quick, "wall_seconds": time.perf_counter() - t0, **summary,
-              "recovery_speedup_steps": raw["recovery"]["recovery_speedup_steps"],
-              "recovery_speedup_seconds": raw["recovery"]["recovery_speedup_seconds"],
-              **speed, "zoo_train_seconds": zoo_seconds,
-              "teacher_accuracy_mean": sum(t.accuracy for t in teachers) / len(teachers), "config": cfg}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_name(args.out.stem + "_raw.json").write_text(json.dumps(raw))
+            save()
+    result = save()
     print(f"{'row':18s} {'1-shot':>16s} {'5-shot':>16s}")
     for row, shots in result["acc"].items():
         print(f"{row:18s} " + " ".join(f"{shots[s]['mean']:.3f} +- {shots[s]['ci95']:.3f}" for s in ("1", "5")))
