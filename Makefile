@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 DEMO := runs/smi/demo
 
-.PHONY: install demo demo-bds demo-surgery demo-refresh test lint clean-demo
+.PHONY: install demo demo-bds demo-surgery demo-refresh test lint clean-demo demo-free
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -66,3 +66,8 @@ demo-surgery: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# FREE: the glyph model zoo (20 Conv4 teachers, once), then data-free meta-learning from it.
+demo-free: $(STAMP)
+	test -f runs/free/demo/zoo/manifest.json || $(PY) train.py fit --config configs/free/demo_zoo.yaml
+	$(PY) train.py fit --config configs/free/demo.yaml
