@@ -22,6 +22,7 @@ same update and a DDP run equals one process on the global batch).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -79,14 +80,17 @@ def sequential_gradient(loss_fn: LossFn, params: dict[str, Tensor], n_tasks: int
 
 
 def displacement_gradient(loss_fn: LossFn, params: dict[str, Tensor], n_tasks: int, alpha: float,
-                          reduce: Reduce = mean_over_ranks) -> dict[str, Tensor]:
-    """Gradient of (1/n) sum_i L_i(theta - alpha (g_bar - g_i)), through the gradients (second order)."""
+                          reduce: Reduce = mean_over_ranks,
+                          reduce_graph: Reduce = partial(mean_over_ranks, differentiable=True)) -> dict[str, Tensor]:
+    """Gradient of (1/n) sum_i L_i(theta - alpha (g_bar - g_i)), through the gradients (second order).
+
+    The task gradients are averaged over ranks with ``reduce_graph``, which keeps their graph (its
+    backward sums the other ranks' contributions), the final gradient with ``reduce``."""
     if alpha == 0:
         return mean_gradient(loss_fn, params, n_tasks, reduce)
     task_grads = []
     for i in range(n_tasks):
-        local = _grad(loss_fn(params, i), params, create_graph=True)
-        task_grads.append(mean_over_ranks(local, differentiable=True) if reduce is mean_over_ranks else reduce(local))
+        task_grads.append(reduce_graph(_grad(loss_fn(params, i), params, create_graph=True)))
     g_bar = [torch.stack(gs).mean(0) for gs in zip(*task_grads)]
     total = 0.0
     for i, g_i in enumerate(task_grads):
