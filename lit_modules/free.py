@@ -28,6 +28,7 @@ Model selection is on meta-val (``FewShotEpisodes.val_split``; ``meta_test`` is 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -304,6 +305,10 @@ class FREEModule(L.LightningModule):
         self.test_accuracies = torch.cat(self._eval_acc).cpu()
         mean, ci = mean_ci95(self.test_accuracies)
         self.log_dict({"test/acc": mean, "test/acc_ci95": ci})
+        if self.trainer.is_global_zero:  # every episode's accuracy, so the numbers can be re-scored
+            out = self._run_dir() / "test_episode_accuracies.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"mean": mean, "ci95": ci, "accuracies": self.test_accuracies.tolist()}))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["free"] = {"pool": self.pool.state_dict(), "best_val": self.best_val,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -83,6 +84,14 @@ def test_resume_mid_training_equals_an_uninterrupted_run(zoo: Path, tmp_path: Pa
         torch.testing.assert_close(value, reference[name], msg=name)
     torch.testing.assert_close(full.pool.images, resumed.pool.images)
     assert full.best_val == resumed.best_val
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=str(tmp_path / "test"))
+    episodes = data()
+    episodes.hparams.test_episodes = 3
+    trainer.test(resumed, datamodule=episodes)
+    saved = json.loads((tmp_path / "test" / "test_episode_accuracies.json").read_text())
+    assert saved["accuracies"] == resumed.test_accuracies.tolist() and len(saved["accuracies"]) == 3
+    assert all(torch.equal(a, b) for a, b in zip(resumed.learner.state_dict().values(), full.best_state.values()))
 
 
 def test_release_flags_run_and_alias_the_teachers(zoo: Path, tmp_path: Path) -> None:
