@@ -99,6 +99,12 @@ class ZooModule(L.LightningModule):
         for name, t in self.zoo.per_model_tensors().items():
             self.best[name] = torch.where(better[:, None], t.detach(), self.best[name])
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["zoo_best"] = self.best  # every teacher's best held-out weights so far
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best = checkpoint["zoo_best"]
+
     def best_zoo(self) -> StackedConv4:
         """A copy of the zoo holding every teacher's best held-out weights."""
         zoo = StackedConv4(self.zoo.n_models, self.zoo.in_channels, self.zoo.hidden, self.zoo.num_classes,

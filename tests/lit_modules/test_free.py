@@ -141,3 +141,24 @@ def test_demo_configs_run_through_the_cli(tmp_path: Path) -> None:
               f"--model.init_args.zoo={zoo_dir}", "--model.init_args.warmup=0", "--model.init_args.hidden=4",
               "--data.init_args.image_size=16", "--data.init_args.val_episodes=2", "--model.init_args.picture_every=1"])
     assert list(tmp_path.rglob("recovered_step00000.png"))
+
+
+def test_zoo_stage_keeps_each_teachers_best_epoch_and_exports_it(tmp_path: Path) -> None:
+    from datamodules.model_zoo import ZooData
+    from lit_modules.model_zoo import ZooModule
+
+    data = ZooData(source="digits", image_size=16, per_class=20, n_teachers=3, classes_per_teacher=3, batch_size=8)
+    module = ZooModule(hidden=4, image_size=16, output_dir=str(tmp_path / "zoo"))
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    trainer.fit(module, datamodule=data)
+    models, records, meta = load_zoo(tmp_path / "zoo")
+    assert meta["n_classes"] == 5 and [r.classes for r in records] == data.teacher_classes.tolist()
+    best = module.best_zoo().eval()
+    x = torch.rand(4, 1, 16, 16)
+    for i, model in enumerate(models):  # the exported file is the teacher's best held-out epoch
+        torch.testing.assert_close(model(x), best(x[None].expand(3, -1, -1, -1, -1))[i], atol=1e-5, rtol=1e-4)
+        assert records[i].accuracy == pytest.approx(float(module.best_acc[i]))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert set(saved["zoo_best"]) == set(module.best)
