@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 DEMO := runs/smi/demo
 
-.PHONY: install demo demo-smi demo-bds demo-surgery demo-refresh demo-sae_debias demo-llm_sc demo-asp test lint clean-demo
+.PHONY: install demo demo-smi demo-bds demo-surgery demo-refresh demo-sae_debias demo-llm_sc demo-asp demo-free test lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -90,3 +90,8 @@ demo-asp: $(STAMP)
 
 # The SMI demo under its method's name (the same target as `make demo`).
 demo-smi: demo
+
+# FREE: the glyph model zoo (20 Conv4 teachers, once), then data-free meta-learning from it.
+demo-free: $(STAMP)
+	test -f runs/free/demo/zoo/manifest.json || $(PY) train.py fit --config configs/free/demo_zoo.yaml
+	$(PY) train.py fit --config configs/free/demo.yaml

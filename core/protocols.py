@@ -129,3 +129,23 @@ class SupportsRefresh(Protocol):
     def fisher_examples(self, batch: object) -> tuple:
         """``(inputs, labels)`` of a device-side loader batch as the network takes them, without augmentation."""
         ...
+
+
+@runtime_checkable
+class SupportsGradientAlignment(Protocol):
+    """A multi-task module whose shared parameters are updated from several per-task losses.
+
+    Used by ``callbacks.gradient_alignment.GradientAlignment``. The module trains in manual optimisation:
+    at each update it asks its installed rule for a gradient dict,
+    ``rule(loss_fn, params, n_tasks)`` with ``loss_fn(params, i)`` the functional loss of task ``i``,
+    writes it into ``.grad`` and steps its optimiser. Without the callback the rule is the plain mean
+    (``core.gradient_alignment.mean_gradient``).
+    """
+
+    def alignment_parameters(self) -> object:
+        """The shared parameters the rule updates, as a name -> tensor dict."""
+        ...
+
+    def set_gradient_rule(self, rule: object) -> None:
+        """Install ``rule(loss_fn, params, n_tasks) -> dict of gradients`` (``None``: the plain mean)."""
+        ...

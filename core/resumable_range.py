@@ -27,7 +27,9 @@ class ResumableRange:
         return self.length
 
     def __iter__(self) -> Iterator[int]:
-        start, self._next = self._next, 0
+        # A loop that stops after len(self) items never resumes the generator to its end: a pass that
+        # reached the last step starts the next epoch from 0.
+        start, self._next = self._next % self.length, 0
         for step in range(start, self.length):
             # Advance before yielding: a checkpoint saved after step s resumes at s + 1.
             self._next = step + 1

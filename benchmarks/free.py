@@ -1,0 +1,329 @@
+"""FREE on the glyph source: recovery speed, accuracy against floor and ceiling, stacked-zoo speed.
+
+Protocol: a zoo of Conv4 teachers (32 channels), each on 5 random ``meta_train`` glyph classes; data-free
+meta-learning from the zoo; 5-way 1-shot and 5-shot MAML fine-tuning (10 steps, lr 0.01, transductive BN)
+on the same fixed ``meta_test`` episodes for every row (classes unseen by every teacher). Model selection
+on ``meta_val`` episodes only (ProtoNet accuracy, every ``val_every`` steps). One meta-learner per row and
+seed is trained with 5-shot replay episodes and scored at both shots (the release trains one per shot).
+
+Scale (one CPU core): 16 px glyphs, 20 teachers, 48 FREE steps (8 warm-up) with 2 replay meta-batches of
+4 episodes each, generator nz 64 / ngf 16, 50 images per teacher, outer lr 5e-3 for every learned row (the
+release runs 1000 steps with >= 100 replay episodes each at lr 1e-3).
+
+Rows: ``random_init`` (floor: an untrained Conv4), ``averaging`` (parameter average of the teachers),
+``no_alignment`` (FREE without the alignment step: pool replay only), ``free_first_order`` (first-order
+MAML replay), ``free``, and ``real_data`` (ceiling: the same MAML replay on real meta-train episodes, as
+many meta-updates as FREE makes). Also: ``recovery_speedup_*`` (trained meta-generator vs a fresh
+generator on held-out teachers, steps and seconds to the CE the fresh one reaches in ``fresh_steps``)
+and ``zoo_speedup`` (one stacked epoch vs the same epoch as a loop over teachers).
+
+    python benchmarks/free.py              # the full run: 1 training seed (--seeds 0 1 2 for more), 600 episodes
+    python benchmarks/free.py --quick      # smoke run, about two minutes
+
+Writes ``benchmarks/results/free.json`` and ``free_raw.json`` (every episode accuracy of every row, shot
+and seed, the validation curves and the recovery curves). The zoo is cached under the litzoo cache,
+keyed by a hash of its settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from callbacks.gradient_alignment import GradientAlignment
+from core.conv4 import Conv4
+from core.episodes import mean_ci95, sample_episodes
+from core.maml import maml_accuracy, maml_query, protonet_accuracy, transductive
+from core.meta_generator import Generator
+from core.model_zoo import load_zoo, read_manifest
+from core.packaged_models import default_cache_dir
+from core.rng import keyed_generator
+from datamodules.few_shot import labelled_split
+from datamodules.free import FewShotEpisodes
+from datamodules.model_zoo import ZooData
+from lit_modules.free import FREEModule
+from lit_modules.model_zoo import ZooModule
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHOTS, N_WAY, N_QUERY, EVAL_SEED = (1, 5), 5, 15, 12345
+FULL = dict(size=16, teachers=20, holdout=2, zoo_per_class=60, zoo_epochs=10, steps=48, warmup=8, val_every=8,
+            val_episodes=100, test_episodes=600, replay_batches=2, episode_batch=4, seeds=[0], fresh_steps=200,
+            recovery_seeds=2)
+QUICK = dict(size=16, teachers=8, holdout=2, zoo_per_class=30, zoo_epochs=2, steps=6, warmup=2, val_every=3,
+             val_episodes=20, test_episodes=40, replay_batches=1, episode_batch=2, seeds=[0], fresh_steps=30,
+             recovery_seeds=1)
+FREE_ARGS = dict(hidden=32, nz=64, ngf=16, teachers_per_step=4, images_per_class=10, generator_steps=5,
+                 augment_flip=False, replay_k_shot=5, replay_q_query=5, replay_patience=0, pool_capacity=100,
+                 evaluation="protonet", outer_lr=5e-3)
+ALIGN = dict(mode="sequential", alpha=67.0, inner_lr=1e-3, inner_optimizer="adam")
+
+
+def _quiet_trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+
+def build_zoo(cfg: dict) -> tuple[Path, float]:
+    """Train (or reuse) the cached zoo; returns its directory and the stacked training seconds."""
+    key = {k: cfg[k] for k in ("size", "teachers", "zoo_per_class", "zoo_epochs")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    out = default_cache_dir() / "benchmarks" / f"free_zoo_{digest}"
+    if (out / "manifest.json").is_file():
+        return out, float(read_manifest(out)[2].get("train_seconds", float("nan")))
+    data = ZooData(source="glyphs", image_size=cfg["size"], per_class=cfg["zoo_per_class"],
+                   n_teachers=cfg["teachers"], batch_size=32)
+    module = ZooModule(hidden=32, image_size=cfg["size"], output_dir=str(out))
+    start = time.perf_counter()
+    _quiet_trainer(max_epochs=cfg["zoo_epochs"], default_root_dir=str(out.parent)).fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    manifest = out / "manifest.json"
+    record = json.loads(manifest.read_text())
+    record["meta"]["train_seconds"] = seconds
+    manifest.write_text(json.dumps(record, indent=1))
+    return out, seconds
+
+
+def zoo_speedup(cfg: dict) -> dict:
+    """Seconds of one training epoch of the stacked zoo vs the same epoch as a Python loop over teachers."""
+    torch.manual_seed(0)
+    data = ZooData(source="glyphs", image_size=cfg["size"], per_class=cfg["zoo_per_class"],
+                   n_teachers=cfg["teachers"], batch_size=32)
+    data.prepare_teachers()
+    batches = list(data.train_dataloader())
+    from core.stacked_conv4 import StackedConv4
+
+    stacked = StackedConv4(cfg["teachers"], 1, 32, 5, cfg["size"])
+    opt = torch.optim.Adam(stacked.parameters(), lr=0.01)
+    start = time.perf_counter()
+    for x, y in batches:
+        loss = F.cross_entropy(stacked(x.transpose(0, 1)).flatten(0, 1), y.T.flatten()) * cfg["teachers"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    t_stacked = time.perf_counter() - start
+    nets = [Conv4(1, 32, 5, cfg["size"]) for _ in range(cfg["teachers"])]
+    opts = [torch.optim.Adam(n.parameters(), lr=0.01) for n in nets]
+    start = time.perf_counter()
+    for i, (net, o) in enumerate(zip(nets, opts)):
+        for x, y in batches:
+            loss = F.cross_entropy(net(x[:, i]), y[:, i])
+            o.zero_grad()
+            loss.backward()
+            o.step()
+    t_loop = time.perf_counter() - start
+    return {"stacked_seconds": t_stacked, "loop_seconds": t_loop, "zoo_speedup": t_loop / t_stacked}
+
+
+def test_episodes(cfg: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    images, labels, _ = labelled_split("glyphs", "meta_test", 40, cfg["size"])
+    out = {}
+    for shot in SHOTS:
+        idx = sample_episodes(labels, N_WAY, shot, N_QUERY, cfg["test_episodes"], keyed_generator(EVAL_SEED, shot))
+        x = images[idx]
+        out[shot] = (x[:, :, :shot], x[:, :, shot:])
+    return out
+
+
+def score(learner: Conv4, episodes: dict) -> dict:
+    """Per-episode accuracies of MAML fine-tuning (the protocol) and of prototypes, at every shot."""
+    out = {}
+    for shot, (support, query) in episodes.items():
+        out[str(shot)] = {"maml": maml_accuracy(learner, support, query, 10, 0.01).tolist(),
+                          "protonet": protonet_accuracy(learner.features, support, query).tolist()}
+    return out
+
+
+def train_free(zoo: Path, cfg: dict, seed: int, row: str, alignment: bool, first_order: bool) -> tuple[FREEModule, dict]:
+    module = FREEModule(zoo=str(zoo), warmup=cfg["warmup"], replay_batches=cfg["replay_batches"],
+                        episode_batch=cfg["episode_batch"], holdout_teachers=cfg["holdout"], alignment=alignment,
+                        first_order=first_order, rng_seed=seed, **FREE_ARGS)
+    data = FewShotEpisodes(source="glyphs", image_size=cfg["size"], per_class=40, k_shot=5,
+                           val_episodes=cfg["val_episodes"], steps_per_epoch=cfg["val_every"], seed=seed)
+    curve = []
+
+    class Curve(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # after val
+            curve.append(float(trainer.callback_metrics["val/acc"]))
+
+    torch.manual_seed(seed)
+    callbacks = [Curve()] + ([GradientAlignment(**ALIGN)] if alignment else [])
+    start = time.perf_counter()
+    run_dir = Path("runs/benchmarks/free") / f"{'quick' if cfg is QUICK else 'full'}_{row}_seed{seed}"
+    _quiet_trainer(max_epochs=cfg["steps"] // cfg["val_every"], callbacks=callbacks,
+                   default_root_dir=str(run_dir)).fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    module.learner.load_state_dict(module.best_state)
+    return module, {"val_curve": curve, "train_seconds": seconds, "chosen": int(torch.tensor(curve).argmax())}
+
+
+def train_real(cfg: dict, seed: int, n_updates: int) -> tuple[Conv4, dict]:
+    """The ceiling: the same MAML replay (second order, 5-shot, 5 inner steps) on real meta-train episodes."""
+    images, labels, _ = labelled_split("glyphs", "meta_train", 40, cfg["size"])
+    val_images, val_labels, _ = labelled_split("glyphs", "meta_val", 40, cfg["size"])
+    val_idx = sample_episodes(val_labels, N_WAY, 5, N_QUERY, cfg["val_episodes"], keyed_generator(seed, 1))
+    val = val_images[val_idx]
+    torch.manual_seed(seed)
+    learner = transductive(Conv4(1, 32, N_WAY, cfg["size"]))
+    opt = torch.optim.Adam(learner.parameters(), lr=FREE_ARGS["outer_lr"])
+    q = FREE_ARGS["replay_q_query"]
+    best, best_state, curve = -1.0, None, []
+    for u in range(n_updates):
+        idx = sample_episodes(labels, N_WAY, 5, q, cfg["episode_batch"], keyed_generator(seed, 4, u))
+        x = images[idx]
+        loss, _ = maml_query(learner, dict(learner.named_parameters()), x[:, :, :5], x[:, :, 5:], 5, 0.01, False)
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+        if (u + 1) % max(1, n_updates // 5) == 0 or u == n_updates - 1:
+            curve.append(float(protonet_accuracy(learner.features, val[:, :, :5], val[:, :, 5:]).mean()))
+            if curve[-1] > best:
+                best, best_state = curve[-1], {k: v.clone() for k, v in learner.state_dict().items()}
+    learner.load_state_dict(best_state)
+    return learner, {"val_curve": curve, "updates": n_updates}
+
+
+def recovery(generator_state: dict, zoo: Path, cfg: dict) -> dict:
+    """Steps and seconds to the teacher CE a fresh generator reaches in ``fresh_steps``, on held-out teachers."""
+    teachers, records, _ = load_zoo(zoo)
+    n = 5 * FREE_ARGS["images_per_class"]
+    targets = torch.arange(n) % 5
+    curves = {"fresh": [], "meta": []}
+    steps_fresh, steps_meta, sec_fresh, sec_meta = [], [], [], []
+    for teacher in teachers[-cfg["holdout"]:]:
+        for s in range(cfg["recovery_seeds"]):
+            runs = {}
+            for name in ("fresh", "meta"):
+                torch.manual_seed(100 + s)
+                gen = Generator(FREE_ARGS["nz"], FREE_ARGS["ngf"], cfg["size"], 1)
+                if name == "meta":
+                    gen.load_state_dict(generator_state)
+                z = torch.randn(n, FREE_ARGS["nz"], generator=keyed_generator(s, 9)).requires_grad_(True)
+                opt = torch.optim.Adam([{"params": gen.parameters()}, {"params": [z]}], lr=1e-3, betas=(0.5, 0.999))
+                ce, times, start = [], [], time.perf_counter()
+                for _ in range(cfg["fresh_steps"]):
+                    loss = F.cross_entropy(teacher(gen(z)), targets)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    ce.append(float(loss))
+                    times.append(time.perf_counter() - start)
+                runs[name] = (ce, times)
+                curves[name].append(ce)
+            target = min(runs["fresh"][0])
+            reach = {k: next(i for i, c in enumerate(v[0]) if c <= target) + 1 if min(v[0]) <= target else len(v[0])
+                     for k, v in runs.items()}
+            steps_fresh.append(reach["fresh"])
+            steps_meta.append(reach["meta"])
+            sec_fresh.append(runs["fresh"][1][reach["fresh"] - 1])
+            sec_meta.append(runs["meta"][1][reach["meta"] - 1])
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return {"recovery_speedup_steps": mean(steps_fresh) / mean(steps_meta),
+            "recovery_speedup_seconds": mean(sec_fresh) / mean(sec_meta),
+            "steps_fresh": steps_fresh, "steps_meta": steps_meta, "curves": curves}
+
+
+def averaged_teachers(zoo: Path, cfg: dict) -> Conv4:
+    teachers, _, _ = load_zoo(zoo)
+    learner = transductive(Conv4(1, 32, N_WAY, cfg["size"]))
+    own = dict(learner.named_parameters())
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(torch.stack([dict(t.named_parameters())[name] for t in teachers]).mean(0))
+    return learner
+
+
+def summarise(raw: dict) -> dict:
+    acc, acc_proto = {}, {}
+    for row, per_seed in raw["rows"].items():
+        acc[row], acc_proto[row] = {}, {}
+        for shot in map(str, SHOTS):
+            maml = [a for s in per_seed.values() for a in s[shot]["maml"]]
+            proto = [a for s in per_seed.values() for a in s[shot]["protonet"]]
+            seed_means = [sum(s[shot]["maml"]) / len(s[shot]["maml"]) for s in per_seed.values()]
+            m, ci = mean_ci95(maml)
+            acc[row][shot] = {"mean": m, "ci95": ci, "seed_means": seed_means,
+                              "seed_std": float(torch.tensor(seed_means).std(unbiased=False))}
+            acc_proto[row][shot] = dict(zip(("mean", "ci95"), mean_ci95(proto)))
+    gap = {shot: (acc["free"][shot]["mean"] - acc["random_init"][shot]["mean"])
+           / max(acc["real_data"][shot]["mean"] - acc["random_init"][shot]["mean"], 1e-9) for shot in acc["free"]}
+    validity = {shot: acc["real_data"][shot]["mean"] - acc["random_init"][shot]["mean"] for shot in acc["free"]}
+    five = acc["free"]["5"]
+    return {"protocol_validity": validity, "acc": acc, "acc_protonet": acc_proto, "gap_closed_by_free": gap,
+            "free_above_no_alignment_5shot": five["mean"] - five["ci95"] > acc["no_alignment"]["5"]["mean"]
+            + acc["no_alignment"]["5"]["ci95"],
+            "free_above_random_init_5shot": five["mean"] - five["ci95"] > acc["random_init"]["5"]["mean"]
+            + acc["random_init"]["5"]["ci95"]}
+
+
+def write(args: argparse.Namespace, raw: dict, extra: dict) -> dict:
+    """Summarise what is there and write both files (after every row, so an interrupted run keeps its rows)."""
+    teachers = read_manifest(extra.pop("zoo"))[1]
+    result = {"quick": args.quick, **extra, **(summarise(raw) if _complete(raw) else {"partial_rows": list(raw["rows"])}),
+              "teacher_accuracy_mean": sum(t.accuracy for t in teachers) / len(teachers), "config": raw["config"]}
+    if "recovery" in raw:
+        result.update({k: raw["recovery"][k] for k in ("recovery_speedup_steps", "recovery_speedup_seconds")})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    args.out.with_name(args.out.stem + "_raw.json").write_text(json.dumps(raw))
+    return result
+
+
+def _complete(raw: dict) -> bool:
+    return {"random_init", "averaging", "no_alignment", "free_first_order", "free", "real_data"} <= set(raw["rows"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (minutes)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "free.json")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the mode's)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = dict(QUICK if args.quick else FULL)
+    cfg["seeds"] = args.seeds or cfg["seeds"]
+    t0 = time.perf_counter()
+    zoo, zoo_seconds = build_zoo(cfg)
+    extra = {**zoo_speedup(cfg), "zoo_train_seconds": zoo_seconds}
+    episodes = test_episodes(cfg)
+    raw: dict = {"config": cfg, "free_args": FREE_ARGS, "alignment": ALIGN, "rows": {}, "training": {}}
+    rows = raw["rows"]
+
+    def save() -> dict:
+        return write(args, raw, {**extra, "zoo": zoo, "wall_seconds": time.perf_counter() - t0})
+
+    rows["averaging"] = {0: score(averaged_teachers(zoo, cfg), episodes)}
+    for seed in cfg["seeds"]:  # floor and ceiling first: an interrupted run still has the protocol's validity
+        torch.manual_seed(seed)
+        rows.setdefault("random_init", {})[seed] = score(transductive(Conv4(1, 32, N_WAY, cfg["size"])), episodes)
+        n_updates = (cfg["steps"] - cfg["warmup"]) * cfg["replay_batches"]
+        learner, info = train_real(cfg, seed, n_updates)
+        rows.setdefault("real_data", {})[seed] = score(learner, episodes)
+        raw["training"][f"real_data/{seed}"] = info
+        save()
+        for row, alignment, first_order in (("free", True, False), ("no_alignment", False, False),
+                                            ("free_first_order", True, True)):
+            module, info = train_free(zoo, cfg, seed, row, alignment, first_order)
+            rows.setdefault(row, {})[seed] = score(module.learner, episodes)
+            raw["training"][f"{row}/{seed}"] = info
+            print(f"seed {seed} {row}: val {info['val_curve']} in {info['train_seconds']:.0f} s", flush=True)
+            if row == "free" and seed == cfg["seeds"][0]:
+                raw["recovery"] = recovery(module.generator.state_dict(), zoo, cfg)
+            save()
+    result = save()
+    print(f"{'row':18s} {'1-shot':>16s} {'5-shot':>16s}")
+    for row, shots in result["acc"].items():
+        print(f"{row:18s} " + " ".join(f"{shots[s]['mean']:.3f} +- {shots[s]['ci95']:.3f}" for s in ("1", "5")))
+    print({k: result[k] for k in ("recovery_speedup_steps", "recovery_speedup_seconds", "zoo_speedup",
+                                  "gap_closed_by_free", "wall_seconds")})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""A model zoo on disk: one safetensors file per teacher plus a JSON manifest (what free and tgr load).
+
+The manifest is the explicit record of what the zoo stage wrote: for every teacher the architecture,
+the absolute class ids of the split it was trained on (its label ``j`` is class ``classes[j]``), their
+names, the held-out accuracy and the SHA-256 of its weight file. Loading checks all of it, so a stale
+or edited zoo fails with a message instead of silently teaching the wrong classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from core.conv4 import Conv4
+
+MANIFEST = "manifest.json"
+
+
+def build_teacher(arch: str, arch_kwargs: dict) -> nn.Module:
+    """A teacher network by architecture name (``conv4``; kwargs as ``core.conv4.Conv4`` takes them)."""
+    if arch == "conv4":
+        return Conv4(**arch_kwargs)
+    raise ValueError(f"unknown teacher architecture {arch!r} in the zoo manifest; known: conv4")
+
+
+@dataclass
+class ZooTeacher:
+    """One manifest entry."""
+
+    file: str
+    arch: str
+    arch_kwargs: dict
+    classes: list[int]
+    class_names: list[str] = field(default_factory=list)
+    accuracy: float = float("nan")
+    sha256: str = ""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_zoo(directory: str | Path, states: list[dict[str, Tensor]], teachers: list[ZooTeacher],
+             meta: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``teacher_XXX.safetensors`` and ``manifest.json`` under ``directory``; returns the manifest path.
+
+    An existing manifest is kept unless ``overwrite`` (runs never overwrite earlier outputs silently).
+    """
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if manifest.exists() and not overwrite:
+        raise FileExistsError(f"{manifest} exists: choose a new output_dir or set overwrite")
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, (state, teacher) in enumerate(zip(states, teachers, strict=True)):
+        teacher.file = f"teacher_{i:03d}.safetensors"
+        save_file(state, str(directory / teacher.file))
+        teacher.sha256 = _sha256(directory / teacher.file)
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta or {}, "teachers": [asdict(t) for t in teachers]}, indent=1))
+    tmp.replace(manifest)  # atomic: a half-written manifest never exists
+    return manifest
+
+
+def read_manifest(path: str | Path, key: str = "zoo") -> tuple[Path, list[ZooTeacher], dict]:
+    """``(directory, teachers, meta)`` of a manifest file or of a directory holding ``manifest.json``."""
+    path = Path(path)
+    manifest = path / MANIFEST if path.is_dir() else path
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{key}={path}: no zoo manifest {manifest}; train the zoo stage first")
+    record = json.loads(manifest.read_text())
+    try:
+        teachers = [ZooTeacher(**t) for t in record["teachers"]]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{key}={path}: malformed manifest ({err}); rebuild the zoo") from err
+    if not teachers:
+        raise ValueError(f"{key}={path}: the manifest lists no teacher")
+    return manifest.parent, teachers, record.get("meta", {})
+
+
+def load_zoo(path: str | Path, key: str = "zoo", check_hash: bool = True) -> tuple[list[nn.Module], list[ZooTeacher], dict]:
+    """Load every teacher of a zoo (eval mode, frozen), checking files, hashes and architectures."""
+    directory, teachers, meta = read_manifest(path, key)
+    models = []
+    for i, teacher in enumerate(teachers):
+        file = directory / teacher.file
+        if not file.is_file():
+            raise FileNotFoundError(f"{key}={path}: teacher {i} file {file} is missing; rebuild the zoo")
+        if check_hash and teacher.sha256 and _sha256(file) != teacher.sha256:
+            raise ValueError(f"{key}={path}: teacher {i} ({file.name}) does not match its manifest hash; "
+                             "the zoo was modified after it was written: rebuild it")
+        model = build_teacher(teacher.arch, teacher.arch_kwargs)
+        try:
+            model.load_state_dict(load_file(str(file)))
+        except RuntimeError as err:
+            first = ([line.strip() for line in str(err).splitlines()[1:]] or [str(err)])[0]
+            raise ValueError(f"{key}={path}: teacher {i} weights do not fit architecture {teacher.arch} "
+                             f"{teacher.arch_kwargs}: {first}") from err
+        models.append(model.eval().requires_grad_(False))
+    return models, teachers, meta
