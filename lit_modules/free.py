@@ -34,7 +34,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
@@ -46,6 +45,7 @@ from core.maml import adapt, maml_accuracy, maml_query, protonet_accuracy, trans
 from core.meta_generator import Generator, adapt_generator
 from core.model_zoo import load_zoo
 from core.rng import keyed_generator
+from core.run_dir import run_directory
 from core.task_pool import TaskPool
 from core.tensor_augment import random_crop_flip
 from lit_modules.free_parts import inversion_loss, save_recovered_grid
@@ -260,12 +260,16 @@ class FREEModule(L.LightningModule):
 
     # --- pictures, evaluation, state -----------------------------------------------------------------
     def _run_dir(self) -> Path:
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """The run's own folder (a collective call: every rank must make it)."""
+        return run_directory(self.trainer)
 
     def _picture(self, name: str) -> None:
-        if not self._last_images or not self.trainer.is_global_zero:
+        if not self._last_images:
             return
-        png = save_recovered_grid(self._last_images, self._run_dir() / "recovered" / f"{name}.png",
+        folder = self._run_dir()
+        if not self.trainer.is_global_zero:
+            return
+        png = save_recovered_grid(self._last_images, folder / "recovered" / f"{name}.png",
                                   per_row=2 * self.n_classes_teacher)
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
@@ -305,8 +309,8 @@ class FREEModule(L.LightningModule):
         self.test_accuracies = torch.cat(self._eval_acc).cpu()
         mean, ci = mean_ci95(self.test_accuracies)
         self.log_dict({"test/acc": mean, "test/acc_ci95": ci})
+        out = self._run_dir() / "test_episode_accuracies.json"
         if self.trainer.is_global_zero:  # every episode's accuracy, so the numbers can be re-scored
-            out = self._run_dir() / "test_episode_accuracies.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"mean": mean, "ci95": ci, "accuracies": self.test_accuracies.tolist()}))
 
