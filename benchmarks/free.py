@@ -48,9 +48,11 @@ from core.rng import keyed_generator
 from datamodules.few_shot import labelled_split
 from datamodules.free import FewShotEpisodes
 from datamodules.model_zoo import ZooData
+from datamodules.sources import glyph_splits
 from lit_modules.free import FREEModule
 from lit_modules.model_zoo import ZooModule
 
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 SHOTS, N_WAY, N_QUERY, EVAL_SEED = (1, 5), 5, 15, 12345
 FULL = dict(size=16, teachers=20, holdout=2, zoo_per_class=60, zoo_epochs=10, steps=48, warmup=8, val_every=8,
@@ -72,7 +74,12 @@ def _quiet_trainer(**kwargs) -> L.Trainer:
 
 def build_zoo(cfg: dict) -> tuple[Path, float]:
     """Train (or reuse) the cached zoo; returns its directory and the stacked training seconds."""
-    key = {k: cfg[k] for k in ("size", "teachers", "zoo_per_class", "zoo_epochs")}
+    code = [REPO / f for f in ("core/stacked_conv4.py", "core/model_zoo.py", "lit_modules/model_zoo.py",
+                               "datamodules/model_zoo.py", "datamodules/few_shot.py", "datamodules/sources/glyphs.py",
+                               "datamodules/sources/glyph_classes.py", "datamodules/sources/glyph_fonts.py")]
+    key = {**{k: cfg[k] for k in ("size", "teachers", "zoo_per_class", "zoo_epochs")},
+           "code": [hashlib.sha256(f.read_bytes()).hexdigest() for f in code],  # what produced the zoo
+           "classes": glyph_splits(0)["meta_train"]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     out = default_cache_dir() / "benchmarks" / f"free_zoo_{digest}"
     if (out / "manifest.json").is_file():
