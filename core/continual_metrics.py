@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.figures import save_figure
+
 
 def stream_metrics(matrix: Tensor, random_init: Tensor | None = None) -> dict[str, float]:
     """Summary metrics of a ``(T, T)`` accuracy matrix (rows: after task t; columns: task i)."""
@@ -71,8 +73,4 @@ def save_accuracy_heatmap(matrix: Tensor, path: str | Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.figures import save_figure
+
 
 def class_means(features: Tensor, labels: Tensor, classes: Tensor) -> Tensor:
     """Mean feature of each class in ``classes`` (K,) as a (K, D) tensor; a class without examples is an error."""
@@ -74,8 +76,4 @@ def save_session_curves(curves: dict[str, list[float]], path: str | Path, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -81,11 +81,13 @@ def sequential_gradient(loss_fn: LossFn, params: dict[str, Tensor], n_tasks: int
 
 def displacement_gradient(loss_fn: LossFn, params: dict[str, Tensor], n_tasks: int, alpha: float,
                           reduce: Reduce = mean_over_ranks,
-                          reduce_graph: Reduce = partial(mean_over_ranks, differentiable=True)) -> dict[str, Tensor]:
+                          reduce_graph: Reduce | None = None) -> dict[str, Tensor]:
     """Gradient of (1/n) sum_i L_i(theta - alpha (g_bar - g_i)), through the gradients (second order).
 
-    The task gradients are averaged over ranks with ``reduce_graph``, which keeps their graph (its
-    backward sums the other ranks' contributions), the final gradient with ``reduce``."""
+    The task gradients are averaged over ranks with ``reduce_graph`` (default: the differentiable rank mean),
+    which keeps their graph (its backward sums the other ranks' contributions), the final gradient with
+    ``reduce``."""
+    reduce_graph = reduce_graph or partial(mean_over_ranks, differentiable=True)
     if alpha == 0:
         return mean_gradient(loss_fn, params, n_tasks, reduce)
     task_grads = []

@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from core.figures import save_figure
+
 Transform = Literal["softmax", "sigmoid", "identity"]
 TRANSFORMS: tuple[str, ...] = ("softmax", "sigmoid", "identity")
 
@@ -93,8 +95,4 @@ def plot_weight_history(history: list[dict[str, float]], path: Path, title: str 
     ax.legend(loc="upper left", fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.figures import save_figure
+
 
 def save_snr_curves(curves: dict[str, dict[str, dict[float, float]]], path: str | Path, title: str,
                     log_metrics: tuple[str, ...] = ("ber", "ter")) -> Path:
@@ -35,8 +37,4 @@ def save_snr_curves(curves: dict[str, dict[str, dict[float, float]]], path: str 
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
