@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 from lightning import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
@@ -48,8 +46,3 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config})
-
-    @staticmethod
-    def saved_path(trainer: Trainer) -> Path:
-        """Where the config of ``trainer``'s run is (for tests and tools)."""
-        return run_directory(trainer) / "config.yaml"
