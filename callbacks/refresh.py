@@ -17,7 +17,9 @@ Released code (joey-wang123/CL-refresh-learning, models/derpp.py), per parameter
 Flags (defaults = the released code): ``unlearn_loss`` ce | objective, ``normalize`` (per-tensor
 rescaling), ``preconditioner`` damped (1 + lambda F)^-1 | inverse (F + lambda)^-1, ``noise`` scaled
 (delta * noise_scale * P xi) | langevin (noise_scale * sqrt(2 delta P) xi), ``fisher_variant``,
-``fisher_bn``, ``fisher_decay`` and ``fisher_update`` (task | epoch | never). The paper's variant:
+``fisher_bn``, ``fisher_decay`` and ``fisher_update`` (task | epoch | never). ``direction=random`` is the
+control arm: each tensor moves by a random Gaussian direction with the norm of its refresh move, which
+separates "refresh helps" from "any perturbation of that size helps". The paper's variant:
 ``unlearn_loss=objective, normalize=false, preconditioner=inverse, noise=langevin, noise_scale=1``
 (configs/refresh/refresh_paper.yaml).
 
@@ -25,8 +27,12 @@ Mechanics: the unlearning gradient is taken with ``torch.autograd.grad`` (``.gra
 BatchNorm running statistics of the module are restored after the unlearning forward, the noise comes
 from generators keyed by (seed, step) on the parameters' device (the global RNG is never used), and under
 DDP the unlearning gradient is averaged over ranks so that every rank applies the same update. With
-``delta = 0`` training is bit-identical to the base method. The Fisher is part of the callback's state
-(checkpoints). The module side is ``core.protocols.SupportsRefresh``.
+``delta = 0`` training is bit-identical to the base method. The Fisher of a finished task is estimated at
+the start of the next task (the weights are still the task's end weights) and counted in
+``fisher_done``, so the update happens exactly once whatever checkpoint a run resumes from; F and the
+counter are the callback's state (checkpoints). Randomness is keyed by the optimizer step, so gradient
+accumulation is refused. ``track_moves`` records, per step, the ratio of the unlearning move to the
+SGD move (lr x gradient norm) and, per Fisher update, the preconditioner's range (benchmarks). The module side is ``core.protocols.SupportsRefresh``.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from core.fisher import FisherVariant, dataset_fisher
 from core.protocols import SupportsRefresh, TaskStream, require_protocol
 from core.rng import keyed_generator
 
-NOISE_KEY = 3
+NOISE_KEY, CONTROL_KEY = 3, 4
 
 
 def unlearning_displacement(
@@ -77,6 +83,9 @@ class RefreshLearning(L.Callback):
         fisher_update: when F is re-estimated on the current training set: at each ``task`` end (released
             code; needs a TaskStream datamodule), each ``epoch`` end, or ``never`` (F = 0: no preconditioning).
         fisher_examples: examples of the training set used per estimate (seeded subset); None: all.
+        direction: ``gradient`` (refresh) or ``random`` (control: a Gaussian direction per tensor rescaled to
+            the norm of that tensor's refresh move).
+        track_moves: record the unlearning/SGD move ratios and the preconditioner ranges (``moves``).
         seed: seed of the noise.
     """
 
@@ -96,6 +105,8 @@ class RefreshLearning(L.Callback):
         fisher_decay: float = 1e-5,
         fisher_update: Literal["task", "epoch", "never"] = "task",
         fisher_examples: int | None = None,
+        direction: Literal["gradient", "random"] = "gradient",
+        track_moves: bool = False,
         seed: int = 0,
     ) -> None:
         wanted = {"delta >= 0": delta >= 0, "steps >= 1": steps >= 1, "every_n_steps >= 1": every_n_steps >= 1,
@@ -111,13 +122,20 @@ class RefreshLearning(L.Callback):
         self.damping, self.noise, self.noise_scale = damping, noise, noise_scale
         self.fisher_variant, self.fisher_bn, self.fisher_decay = fisher_variant, fisher_bn, fisher_decay
         self.fisher_update, self.fisher_examples = fisher_update, fisher_examples
+        self.direction, self.track_moves = direction, track_moves
         self.fisher: dict[str, Tensor] = {}
-        self.fisher_estimates = 0
+        self.fisher_done = 0  # finished tasks (epochs with fisher_update=epoch) whose Fisher is in F
+        # track_moves: per step (task, unlearning move / SGD move) and per Fisher update (task, min, max of P)
+        self.moves: dict[str, list] = {"ratio": [], "preconditioner": []}
+        self._unlearn_norm: Tensor | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require_protocol(pl_module, SupportsRefresh, type(self).__name__)
-        if self.fisher_update == "task":
-            require_protocol(trainer.datamodule, TaskStream, f"{type(self).__name__}(fisher_update='task')")
+        if self.fisher_update != "never":
+            require_protocol(trainer.datamodule, TaskStream, f"{type(self).__name__}(fisher_update='{self.fisher_update}')")
+        if trainer.accumulate_grad_batches > 1:
+            raise ValueError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: refresh keys its noise "
+                             "by the optimizer step and unlearns once per step; use 1 (raise the batch size instead)")
         if str(trainer.precision) in ("bf16-true", "16-true"):
             raise ValueError("refresh moves weights by ~1e-5 of their norm, below half-precision resolution: "
                              "set trainer.precision to 32-true or a *-mixed precision")
@@ -147,39 +165,68 @@ class RefreshLearning(L.Callback):
     @torch.no_grad()
     def _move(self, named: list[tuple[str, Tensor]], grads: list[Tensor], global_step: int, step: int) -> None:
         device, dtype = named[0][1].device, named[0][1].dtype
-        gen = keyed_generator(self.seed, NOISE_KEY, global_step, step, device=device)
-        # one draw for all tensors (a randn call per tensor costs more than the draw on small networks)
-        noises = torch.randn(sum(p.numel() for _, p in named), generator=gen, device=device, dtype=dtype)
-        for (name, param), grad, noise in zip(named, grads, noises.split([p.numel() for _, p in named])):
+        sizes = [p.numel() for _, p in named]
+
+        def draw(key: int) -> list[Tensor]:  # one draw for all tensors (cheaper than a call per tensor)
+            gen = keyed_generator(self.seed, key, global_step, step, device=device)
+            return list(torch.randn(sum(sizes), generator=gen, device=device, dtype=dtype).split(sizes))
+
+        noises = draw(NOISE_KEY)
+        randoms = draw(CONTROL_KEY) if self.direction == "random" else noises
+        squares = []
+        for (name, param), grad, noise, random in zip(named, grads, noises, randoms):
             fisher = self.fisher.get(name)
             if fisher is not None and fisher.device != device:
                 fisher = self.fisher[name] = fisher.to(device)
-            param.add_(unlearning_displacement(
+            move = unlearning_displacement(
                 param, grad.view_as(param), fisher, noise.view_as(param), delta=self.delta, normalize=self.normalize,
                 preconditioner=self.preconditioner, damping=self.damping, noise_mode=self.noise,
-                noise_scale=self.noise_scale))
+                noise_scale=self.noise_scale)
+            if self.direction == "random":  # control arm: same per-tensor norm, direction unrelated to the loss
+                move = random.view_as(param) * (move.norm() / (random.norm() + 1e-20))
+            param.add_(move)
+            squares.append(move.square().sum())
+        if self.track_moves:
+            norm = torch.stack(squares).sum().sqrt()
+            self._unlearn_norm = norm if self._unlearn_norm is None else self._unlearn_norm + norm
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        due = {"task": lambda: trainer.datamodule.is_task_end(trainer.current_epoch), "epoch": lambda: True,
-               "never": lambda: False}[self.fisher_update]
-        if due():
-            self.update_fisher(trainer, pl_module)
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        if self._unlearn_norm is None:  # not tracking, or no unlearning before this step
+            return
+        grads = [p.grad.square().sum() * group["lr"] ** 2 for group in optimizer.param_groups
+                 for p in group["params"] if p.grad is not None]
+        sgd_move = torch.stack(grads).sum().sqrt()  # plain SGD's move (momentum and weight decay left out)
+        task = trainer.datamodule.task_of_epoch(trainer.current_epoch)
+        self.moves["ratio"].append((task, self._unlearn_norm / sgd_move))
+        self._unlearn_norm = None
 
-    def update_fisher(self, trainer: L.Trainer, pl_module: Any) -> None:
-        """F <- tau F + F_new, F_new estimated on the current training set (all ranks get the same F)."""
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.fisher_update == "never":
+            return
+        epoch, stream = trainer.current_epoch, trainer.datamodule
+        due = stream.task_of_epoch(epoch) if self.fisher_update == "task" else epoch
+        if self.fisher_done < due:  # the previous task (epoch) ended: the weights are still its end weights
+            self.update_fisher(trainer, pl_module, stream.train_set(stream.task_of_epoch(epoch - 1)))
+            self.fisher_done = due
+
+    def update_fisher(self, trainer: L.Trainer, pl_module: Any, dataset: Any) -> None:
+        """F <- tau F + F_new, F_new estimated on ``dataset`` (all ranks get the same F)."""
         fresh = dataset_fisher(
-            pl_module.refresh_network(), trainer.train_dataloader.dataset, pl_module.fisher_examples,
+            pl_module.refresh_network(), dataset, pl_module.fisher_examples,
             lambda t: trainer.strategy.reduce(t, reduce_op="sum"), variant=self.fisher_variant,
             bn_mode=self.fisher_bn, rank=trainer.global_rank, world_size=trainer.world_size,
-            max_examples=self.fisher_examples, seed=self.seed + self.fisher_estimates)
+            max_examples=self.fisher_examples, seed=self.seed + self.fisher_done)
         for name, value in fresh.items():
             old = self.fisher.get(name)
             self.fisher[name] = value if old is None else self.fisher_decay * old.to(value.device) + value
-        self.fisher_estimates += 1
+        if self.track_moves:  # one host sync per Fisher update
+            precond = torch.cat([(1.0 / (1.0 + self.damping * f) if self.preconditioner == "damped"
+                                  else 1.0 / (f + self.damping)).flatten() for f in self.fisher.values()])
+            self.moves["preconditioner"].append((self.fisher_done, precond.min().item(), precond.max().item()))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fisher": {n: f.cpu() for n, f in self.fisher.items()}, "fisher_estimates": self.fisher_estimates}
+        return {"fisher": {n: f.cpu() for n, f in self.fisher.items()}, "fisher_done": self.fisher_done}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.fisher = dict(state_dict["fisher"])
-        self.fisher_estimates = int(state_dict["fisher_estimates"])
+        self.fisher_done = int(state_dict["fisher_done"])

@@ -105,6 +105,10 @@ class TaskStream(Protocol):
         """Classes of each task, in stream order (global class ids)."""
         ...
 
+    def train_set(self, task: int) -> object:
+        """The training ``Dataset`` of ``task`` (Fisher estimates of a finished task)."""
+        ...
+
 
 @runtime_checkable
 class SupportsRefresh(Protocol):

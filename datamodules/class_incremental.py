@@ -6,8 +6,13 @@ each (PyCIL's init_cls / increment; B0 when both are equal). Labels are remapped
 class in that order, so task ``t`` owns a contiguous block of outputs. Each task trains for its own
 number of epochs; the datamodule sets ``trainer.reload_dataloaders_every_n_epochs = 1`` and caps
 ``trainer.max_epochs`` at the stream's total, and ``train_dataloader`` serves the task of
-``trainer.current_epoch``. Shuffling uses a generator keyed by (seed, epoch), so a run resumed from an
-epoch-end checkpoint sees exactly the batches of an uninterrupted one.
+``trainer.current_epoch``. Shuffling uses a generator keyed by (seed, epoch), and a run resumed mid-epoch
+skips the batches the checkpoint had already trained on, so a resumed run sees exactly the batches of an
+uninterrupted one (epoch-end, validation-end and mid-epoch checkpoints alike).
+
+Splits of the offline sets: the test split is held out per class with ``split_seed`` (fixed, so that runs
+varying ``stream_seed`` share one test split and never train or tune on it); the ``val`` split is carved
+from the remaining training images with ``stream_seed``.
 
 Few-shot streams (FSCIL) sample ``shots`` training examples per class in the tasks after the first
 (``initial_shots`` in the first), seeded (the PyCIL/ASP releases), or read them from fixed index lists
@@ -83,14 +88,14 @@ class _EpochPermutation(torch.utils.data.Sampler[int]):
     """A random order of ``0..n-1`` that depends only on (seed, epoch), however often it is iterated
     (a DataLoader's generator advances with every ``iter()``, which breaks exact resumption)."""
 
-    def __init__(self, n: int, seed: int, epoch: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, epoch
+    def __init__(self, n: int, seed: int, epoch: int, skip: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.skip = n, seed, epoch, skip
 
     def __len__(self) -> int:
-        return self.n
+        return self.n  # the epoch's length, also when resuming (the loop counts batches from the checkpoint)
 
     def __iter__(self) -> Iterator[int]:
-        yield from torch.randperm(self.n, generator=keyed_generator(self.seed, 17, self.epoch)).tolist()
+        yield from torch.randperm(self.n, generator=keyed_generator(self.seed, 17, self.epoch))[self.skip:].tolist()
 
 
 def per_class_split(labels: Tensor, counts: tuple[int, ...], seed: int) -> list[Tensor]:
@@ -135,7 +140,10 @@ class ClassIncrementalStream(L.LightningDataModule):
         normalize: subtract the dataset mean and divide by its std; False feeds pixels in [0, 1] (the ASP release).
         glyph_per_class: rendered images per glyph class (``test_per_class`` of them are the test split).
         num_workers: DataLoader workers.
-        stream_seed: seed of the splits, the class shuffle, few-shot sampling and batch shuffling.
+        stream_seed: seed of the validation split, the class shuffle, few-shot sampling and batch shuffling.
+        split_seed: seed of the test hold-out of the offline sets; set it (e.g. 0) to keep one test split
+            while ``stream_seed`` varies; None: ``stream_seed`` (the test split changes with it, as the ASP
+            benchmark's seeds do).
     """
 
     def __init__(
@@ -161,6 +169,7 @@ class ClassIncrementalStream(L.LightningDataModule):
         glyph_per_class: int = 30,
         num_workers: int = 0,
         stream_seed: int = 0,
+        split_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -219,6 +228,14 @@ class ClassIncrementalStream(L.LightningDataModule):
     def num_epochs(self) -> int:
         return self.task_ends[-1]
 
+    @property
+    def test_split_seed(self) -> int:
+        return self.hparams.stream_seed if self.hparams.split_seed is None else self.hparams.split_seed
+
+    def train_set(self, task: int) -> Dataset:
+        """The training examples of ``task`` (e.g. for a Fisher estimate after the task)."""
+        return self._task_subset("train", task)
+
     # ------------------------------------------------------------------ data
     def _offline(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from datamodules import sources
@@ -232,7 +249,7 @@ class ClassIncrementalStream(L.LightningDataModule):
             images, labels = sources.mnist5k() if hp.dataset == "mnist5k" else sources.sklearn_digits()
         if hp.resize and images.shape[-1] != hp.resize:
             images = F.interpolate(images, size=hp.resize, mode="bilinear", antialias=True, align_corners=False)
-        test, train = per_class_split(labels, (hp.test_per_class,), hp.stream_seed)
+        test, train = per_class_split(labels, (hp.test_per_class,), self.test_split_seed)
         return images[train], labels[train], images[test], labels[test]
 
     def _local(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -334,16 +351,26 @@ class ClassIncrementalStream(L.LightningDataModule):
         data = self.splits[split]
         return torch.utils.data.Subset(data, (data.tasks == task).nonzero().squeeze(1).tolist())
 
-    def _loader(self, data: Dataset, train: bool, epoch: int = 0) -> DataLoader:
+    def _loader(self, data: Dataset, train: bool, epoch: int = 0, skip_batches: int = 0) -> DataLoader:
         hp = self.hparams
-        return DataLoader(data, batch_size=hp.batch_size if train else hp.eval_batch_size,
-                          sampler=_EpochPermutation(len(data), hp.stream_seed, epoch) if train else None,
+        sampler = _EpochPermutation(len(data), hp.stream_seed, epoch, skip_batches * hp.batch_size) if train else None
+        return DataLoader(data, batch_size=hp.batch_size if train else hp.eval_batch_size, sampler=sampler,
                           # worker seeds come from this generator, not from the global RNG
                           generator=keyed_generator(hp.stream_seed, 19, epoch), num_workers=hp.num_workers)
 
+    def _batches_done(self) -> int:
+        """Batches of the current epoch that a restored checkpoint already trained on (0 unless resuming)."""
+        loop = self.trainer.fit_loop
+        if not loop.restarting:  # fresh epoch, or a checkpoint written after the epoch was processed
+            return 0
+        if self.trainer.accumulate_grad_batches > 1:
+            raise ValueError("resuming a task stream mid-epoch needs trainer.accumulate_grad_batches=1")
+        return loop.epoch_loop.batch_progress.current.processed
+
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return self._loader(self._task_subset("train", self.task_of_epoch(epoch)), train=True, epoch=epoch)
+        skip = self._batches_done() if self.trainer is not None else 0
+        return self._loader(self.train_set(self.task_of_epoch(epoch)), train=True, epoch=epoch, skip_batches=skip)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(self._task_subset(self.hparams.eval_split, t), train=False) for t in range(self.num_tasks)]

@@ -78,6 +78,7 @@ class ContinualModule(L.LightningModule):
             ``seen`` so far (modern mammoth).
         seed: seed of augmentation and replay sampling (keyed by step and rank) and of reservoir insertion
             (keyed by the number of examples seen).
+        plot: draw the accuracy matrices as PNGs in the run directory after every task.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class ContinualModule(L.LightningModule):
         flip: bool = False,
         class_il_scope: Literal["all", "seen"] = "all",
         seed: int = 0,
+        plot: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -121,6 +123,7 @@ class ContinualModule(L.LightningModule):
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         self.importance: dict[str, Tensor] = {}  # Omega of the weight-space term
         self.anchor: dict[str, Tensor] = {}  # theta_old
+        self.ewc_tasks_done = 0  # finished tasks whose Fisher is in ``importance`` (the update is idempotent)
         self.results: dict[str, Any] = {}  # accuracy matrices and summaries (also in checkpoints)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -131,6 +134,10 @@ class ContinualModule(L.LightningModule):
         stream = self.trainer.datamodule
         require_protocol(stream, TaskStream, "lit_modules.refresh.ContinualModule (data must be a task stream)")
         self.task_classes = stream.task_classes()
+        if self.trainer.accumulate_grad_batches > 1:  # random draws are keyed by the optimizer step
+            raise ValueError(f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches}: continual "
+                             "learners key augmentation and replay draws by the optimizer step; use 1 and raise "
+                             "data.init_args.batch_size instead")
         total = sum(len(c) for c in self.task_classes)
         if total != self.hparams.num_classes:
             raise ValueError(f"model.init_args.num_classes={self.hparams.num_classes} but the stream has {total} classes")
@@ -186,6 +193,8 @@ class ContinualModule(L.LightningModule):
                 columns = tuple(self.all_gather(c).flatten(0, 1) for c in columns)
             self.buffer.add(*columns)
         self.train_acc(logits, batch["label"])
+        if self.global_step % self.trainer.log_every_n_steps:  # the logger would drop them: skip the cost
+            return loss
         self.log_dict({"train/loss": loss, **{f"train/loss_{k}": v for k, v in parts.items()}}, batch_size=len(logits))
         self.log("train/acc", self.train_acc, prog_bar=True, batch_size=len(logits))
         return loss
@@ -203,13 +212,17 @@ class ContinualModule(L.LightningModule):
         return batch["image"], batch["label"]
 
     # ------------------------------------------------------------------ task ends
-    def on_train_epoch_end(self) -> None:
-        if not (self.hparams.ewc_lambda > 0 and self._stream().is_task_end(self.current_epoch)):
+    def on_train_epoch_start(self) -> None:
+        """The weight-space term of the finished task, at the start of the next one: the weights are still
+        those of the task's end, and ``ewc_tasks_done`` makes the update happen once whatever checkpoint
+        (validation end, epoch end, mid-epoch) the run resumed from."""
+        task = self._stream().task_of_epoch(self.current_epoch)
+        if not (self.hparams.ewc_lambda > 0 and self.ewc_tasks_done < task):
             return
-        hp = self.hparams
+        hp, finished = self.hparams, task - 1
         if hp.ewc_importance == "fisher":
             fisher = dataset_fisher(
-                self.net, self.trainer.train_dataloader.dataset, self.fisher_examples,
+                self.net, self._stream().train_set(finished), self.fisher_examples,
                 lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), variant=hp.fisher_variant,
                 rank=self.global_rank, world_size=self.trainer.world_size)
         else:
@@ -217,6 +230,7 @@ class ContinualModule(L.LightningModule):
         for name, value in fisher.items():  # online EWC: Omega <- gamma Omega + F
             self.importance[name] = hp.ewc_gamma * self.importance.get(name, 0.0) + value
         self.anchor = {n: p.detach().clone() for n, p in self.net.named_parameters()}
+        self.ewc_tasks_done = task
 
     # ------------------------------------------------------------------ evaluation
     def _count(self, logits: Tensor, labels: Tensor, task: int) -> Tensor:
@@ -290,7 +304,7 @@ class ContinualModule(L.LightningModule):
             matrix = self.results["matrix"][m, : task + 1, : task + 1]
             metrics = stream_metrics(matrix, self.results["random"][m, : task + 1])
             summary.update({f"{name}_{mode}": value for name, value in metrics.items()})
-            if self.global_rank == 0:
+            if self.global_rank == 0 and self.hparams.plot:
                 self._draw(out, mode, self.results["matrix"][m, : task + 1])
         self.results["summary"] = summary
         self.log_dict({f"val/{k}": v for k, v in summary.items()})
@@ -321,8 +335,10 @@ class ContinualModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["continual"] = {"results": self.results, "importance": self.importance, "anchor": self.anchor}
+        checkpoint["continual"] = {"results": self.results, "importance": self.importance, "anchor": self.anchor,
+                                   "ewc_tasks_done": self.ewc_tasks_done}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["continual"]
         self.results, self.importance, self.anchor = state["results"], state["importance"], state["anchor"]
+        self.ewc_tasks_done = int(state["ewc_tasks_done"])
