@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import lightning as L
@@ -117,44 +118,126 @@ def test_noise_is_keyed_by_the_step() -> None:
     assert torch.equal(moved[0], moved[1]) and not torch.equal(moved[0], moved[2])
 
 
-def test_fisher_refreshes_per_epoch_with_decay_and_is_checkpointed(tmp_path) -> None:
+class ToyStream(L.LightningDataModule):
+    """One task of blobs, as a TaskStream."""
+
+    def task_of_epoch(self, epoch: int) -> int:
+        return 0
+
+    def is_task_end(self, epoch: int) -> bool:
+        return False
+
+    def task_classes(self) -> list[list[int]]:
+        return [[0, 1, 2]]
+
+    def train_set(self, task: int):
+        return blobs()
+
+    def train_dataloader(self):
+        return DataLoader(blobs(), batch_size=16, shuffle=False)
+
+
+def toy_fit(callbacks, max_epochs: int = 1, **kwargs) -> ToyModule:
     module = ToyModule()
+    trainer = L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", **kwargs)
+    trainer.fit(module, ToyStream())
+    return module
+
+
+def test_fisher_refreshes_per_epoch_with_decay_and_is_checkpointed(tmp_path) -> None:
     callback = RefreshLearning(delta=1e-4, fisher_update="epoch", fisher_decay=0.5, fisher_bn="eval")
     snapshots = []
 
     class Snapshot(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):  # runs before RefreshLearning's (listed first)
+        def on_train_epoch_end(self, trainer, pl_module):  # the weights the next epoch's start estimates at
             estimate = DiagonalFisher(pl_module.body, "mammoth", "eval")
-            for batch in pl_module.train_dataloader():
+            for batch in DataLoader(blobs(), batch_size=16):
                 estimate.update(batch["x"], batch["y"])
             snapshots.append(estimate.mean())
 
-    trainer = L.Trainer(max_epochs=2, callbacks=[Snapshot(), callback], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
-    trainer.fit(module)
-    assert callback.fisher_estimates == 2
+    module = toy_fit([Snapshot(), callback], max_epochs=3)
+    assert callback.fisher_done == 2  # at the starts of epochs 1 and 2
     for name, value in callback.fisher.items():
         torch.testing.assert_close(value, 0.5 * snapshots[0][name] + snapshots[1][name], rtol=1e-4, atol=1e-8)
-    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    module.trainer.save_checkpoint(tmp_path / "c.ckpt")
     state = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
     restored = RefreshLearning()
     restored.load_state_dict(next(v for k, v in state.items() if k.startswith("RefreshLearning")))
-    assert restored.fisher_estimates == 2
+    assert restored.fisher_done == 2
     assert all(torch.equal(restored.fisher[n], v) for n, v in callback.fisher.items())
+
+
+def test_fisher_examples_is_a_seeded_subset_of_that_size() -> None:
+    from core.fisher import dataset_fisher
+
+    callback = RefreshLearning(delta=1e-4, fisher_update="epoch", fisher_examples=10, fisher_bn="eval", seed=3)
+    snapshot = {}
+
+    class Snapshot(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshot.setdefault("net", copy.deepcopy(pl_module.body))  # end of epoch 0
+
+    toy_fit([Snapshot(), callback], max_epochs=2)
+    examples = lambda b: (b["x"], b["y"])  # noqa: E731
+    want = dataset_fisher(snapshot["net"], blobs(), examples, lambda t: t, bn_mode="eval", max_examples=10, seed=3)
+    every = dataset_fisher(snapshot["net"], blobs(), examples, lambda t: t, bn_mode="eval")
+    for name, value in want.items():
+        torch.testing.assert_close(callback.fisher[name], value, rtol=1e-5, atol=1e-9)
+    assert not all(torch.allclose(want[n], every[n]) for n in want)
+
+
+def test_every_n_steps_unlearns_only_on_those_steps() -> None:
+    callback = RefreshLearning(delta=1e-3, every_n_steps=3, fisher_update="never", track_moves=True)
+    toy_fit([callback], max_epochs=2)  # 4 batches per epoch: steps 0..7, unlearning at 0, 3, 6
+    assert len(callback.moves["ratio"]) == 3
+    same = RefreshLearning(delta=1e-3, every_n_steps=1, fisher_update="never", track_moves=True)
+    toy_fit([same], max_epochs=2)
+    assert len(same.moves["ratio"]) == 8
+
+
+def test_several_steps_are_successive_ascents() -> None:
+    batch = batch_of()
+    twice, once = ToyModule(), ToyModule()
+    unlearn_once(twice, RefreshLearning(delta=1e-2, steps=2, noise_scale=0.0), batch)
+    for _ in range(2):  # the second gradient is taken at the moved weights
+        unlearn_once(once, RefreshLearning(delta=1e-2, noise_scale=0.0), batch)
+    single = ToyModule()
+    unlearn_once(single, RefreshLearning(delta=1e-2, noise_scale=0.0), batch)
+    for a, b, c in zip(twice.parameters(), once.parameters(), single.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(twice.body[0].weight, single.body[0].weight)
+
+
+def test_the_control_arm_moves_each_tensor_as_far_in_a_random_direction() -> None:
+    batch = batch_of()
+    moved = {}
+    for direction in ("gradient", "random"):
+        module = ToyModule()
+        before = {n: p.detach().clone() for n, p in module.body.named_parameters()}
+        unlearn_once(module, RefreshLearning(delta=1e-2, direction=direction), batch)
+        moved[direction] = {n: p.detach() - before[n] for n, p in module.body.named_parameters()}
+    for name, step in moved["gradient"].items():
+        torch.testing.assert_close(moved["random"][name].norm(), step.norm(), rtol=1e-5, atol=0)
+        cosine = F.cosine_similarity(moved["random"][name].flatten(), step.flatten(), dim=0)
+        assert abs(cosine) < 0.9, name
 
 
 def test_protocol_and_settings_are_checked() -> None:
     class Plain(L.LightningModule):
         pass
 
-    trainer = SimpleNamespace(datamodule=None, precision="32-true")
+    trainer = SimpleNamespace(datamodule=None, precision="32-true", accumulate_grad_batches=1)
     with pytest.raises(TypeError, match="missing method.*refresh_network, refresh_loss, fisher_examples"):
         RefreshLearning().setup(trainer, Plain(), "fit")
-    with pytest.raises(TypeError, match="TaskStream.*fisher_update='task'.*task_of_epoch, is_task_end, task_classes"):
+    with pytest.raises(TypeError, match="TaskStream.*fisher_update='task'.*task_of_epoch, is_task_end, task_classes, train_set"):
         RefreshLearning().setup(trainer, ToyModule(), "fit")
     with pytest.raises(ValueError, match="trainer.precision"):
-        RefreshLearning(fisher_update="never").setup(SimpleNamespace(datamodule=None, precision="bf16-true"),
-                                                     ToyModule(), "fit")
+        RefreshLearning(fisher_update="never").setup(
+            SimpleNamespace(datamodule=None, precision="bf16-true", accumulate_grad_batches=1), ToyModule(), "fit")
+    with pytest.raises(ValueError, match="trainer.accumulate_grad_batches=2"):
+        RefreshLearning(fisher_update="never").setup(
+            SimpleNamespace(datamodule=None, precision="32-true", accumulate_grad_batches=2), ToyModule(), "fit")
     with pytest.raises(ValueError, match="delta >= 0"):
         RefreshLearning(delta=-1.0)
     # fisher_examples=0 used to fail only at the first task end, as an "empty training set"

@@ -53,6 +53,16 @@ def test_fisher_matches_a_per_example_loop(variant: str, bn_mode: str) -> None:
     assert torch.equal(model[1].running_mean, running)  # the model itself is untouched
 
 
+def test_exact_fisher_sums_the_classes_one_at_a_time_above_the_jacobian_budget() -> None:
+    model = small_net()
+    x, y = torch.randn(5, 1, 5, 5, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2, 3, 0])
+    chunked = DiagonalFisher(model, "exact", "eval", chunk_size=2, max_jacobian_bytes=0)
+    chunked.update(x, y)
+    want = naive_fisher(model, x, y, "exact", False)
+    for name, value in chunked.mean().items():
+        torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-7)
+
+
 def test_dataset_fisher_shards_and_reduces_like_one_process() -> None:
     model = small_net()
     data = [{"image": torch.randn(1, 5, 5, generator=torch.Generator().manual_seed(i)), "label": torch.tensor(i % 4)}

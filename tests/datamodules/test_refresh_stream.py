@@ -79,3 +79,27 @@ def test_bad_streams_name_the_config_key(tmp_path) -> None:
         ClassIncrementalStream("digits", eval_split="val").setup("fit")
     with pytest.raises(ValueError, match="val_per_class > 0"):  # before any data is read
         ClassIncrementalStream("cifar10", root=str(tmp_path), eval_split="val")
+
+
+def rows(images: torch.Tensor) -> set[bytes]:
+    return {bytes(x.numpy().tobytes()) for x in images}
+
+
+def test_one_fixed_test_split_that_no_seed_trains_or_tunes_on() -> None:
+    """The review's leak: with the test split keyed by stream_seed, seed 100's validation images were
+    another seed's test images. With split_seed fixed, no seed's train or val split holds a test image."""
+    splits = {}
+    for seed in (0, 1, 7, 100, 101):
+        dm = ClassIncrementalStream("digits", test_per_class=36, val_per_class=10, eval_split="val",
+                                    stream_seed=seed, split_seed=0)
+        dm.setup("fit")
+        splits[seed] = {k: rows(v.images) for k, v in dm.splits.items()}
+    test = splits[0]["test"]
+    assert len(test) > 300 and all(s["test"] == test for s in splits.values())
+    for seed, parts in splits.items():
+        assert not (parts["train"] | parts["val"]) & test, seed
+        assert not parts["train"] & parts["val"], seed
+    assert splits[0]["val"] != splits[1]["val"]  # validation still varies with the seed, inside the training data
+    keyed = ClassIncrementalStream("digits", test_per_class=36, stream_seed=1)  # split_seed None: keyed (ASP)
+    keyed.setup("fit")
+    assert rows(keyed.splits["test"].images) != test

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,9 +94,49 @@ def test_refresh_of_size_zero_is_bit_identical_to_the_base_method(unlearn_loss: 
     assert not torch.equal(moved.net.classifier.weight, base.net.classifier.weight)
 
 
+def test_refresh_loss_unlearns_the_whole_objective_when_asked() -> None:
+    """A refresh_loss that ignores ``objective`` (CE only in both modes) must fail here."""
+    L.seed_everything(0)
+    module = ContinualModule(**SMALL, alpha=0.3, beta=0.7, num_classes=10)
+    module._trainer = SimpleNamespace(global_step=5, global_rank=0)
+    images = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(12) % 4
+    module.buffer.add(images, labels, logits=torch.randn(12, 10), task_labels=labels // 2)
+    batch = {"image": images[:6], "label": labels[:6], "task": labels[:6] // 2}
+    full, ce = module.refresh_loss(batch, objective=True), module.refresh_loss(batch, objective=False)
+    torch.testing.assert_close(full, module.objective(batch)[0], rtol=0, atol=0)  # same replay draws in the step
+    torch.testing.assert_close(ce, module.objective(batch)[2]["ce"], rtol=0, atol=0)
+    assert full.item() > ce.item() + 1e-3
+
+
+def test_paper_mode_trains_a_real_tiny_stream(run_overrides) -> None:
+    """refresh_paper.yaml (objective unlearning, inverse Fisher, Langevin noise) through the CLI: its
+    weights leave the base run's, stay finite, and the Fisher of task 0 preconditions task 1."""
+    common = ["--config", str(REPO / "configs/refresh/demo.yaml"), "--config", str(REPO / "configs/refresh/demo_digits.yaml"),
+              "--data.init_args.epochs_per_task=1", "--trainer.max_epochs=2", "--trainer.limit_train_batches=4",
+              "--model.init_args.plot=false", *run_overrides]
+    paper = cli_main(["fit", *common, "--config", str(REPO / "configs/refresh/refresh_paper.yaml")])
+    base = cli_main(["fit", *common, "--config", str(REPO / "configs/refresh/no_refresh.yaml")])
+    callback = next(c for c in paper.trainer.callbacks if isinstance(c, RefreshLearning))
+    assert (callback.unlearn_loss, callback.normalize, callback.preconditioner, callback.noise) == (
+        "objective", False, "inverse", "langevin")
+    assert callback.fisher_done == 1 and all(f.abs().sum() > 0 for f in callback.fisher.values())
+    moved = [not torch.equal(a, b) for a, b in zip(paper.model.parameters(), base.model.parameters())]
+    assert all(moved) and all(torch.isfinite(p).all() for p in paper.model.parameters())
+
+
+def test_gradient_accumulation_is_refused() -> None:
+    with pytest.raises(ValueError, match="trainer.accumulate_grad_batches=2.*use 1"):
+        fit(ContinualModule(**SMALL, beta=1.0), stream(epochs_per_task=1), max_epochs=1, accumulate_grad_batches=2)
+
+
 # ----------------------------------------------------------------------------- resume, DDP
-def test_resume_mid_stream_equals_the_uninterrupted_run(tmp_path) -> None:
+@pytest.mark.parametrize("checkpoint", ["epoch=0-step=9.ckpt", "epoch=1-step=18.ckpt", "mid-step=13.ckpt"])
+def test_resume_equals_the_uninterrupted_run(tmp_path, checkpoint: str) -> None:
+    """At a task end (validation-end checkpoint, before the task's Fisher), inside a task, and mid-epoch
+    (step 13 of the 9-batch epoch 1): weights, Fisher, EWC importance and counters as uninterrupted."""
     kwargs = dict(**SMALL, beta=1.0, ewc_lambda=5.0)
+    epochs = [1, 2, 1, 1, 1]
 
     def refresh() -> RefreshLearning:
         return RefreshLearning(delta=1e-3, fisher_examples=64)
@@ -103,22 +144,48 @@ def test_resume_mid_stream_equals_the_uninterrupted_run(tmp_path) -> None:
     L.seed_everything(0)
     full = ContinualModule(**kwargs)
     full_cb = refresh()
-    fit(full, stream(epochs_per_task=[1, 2, 1, 1, 1]), [full_cb], max_epochs=4)
+    fit(full, stream(epochs_per_task=epochs), [full_cb], max_epochs=4)
     L.seed_everything(0)
     first = ContinualModule(**kwargs)
     every = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
-    fit(first, stream(epochs_per_task=[1, 2, 1, 1, 1]), [refresh(), every], max_epochs=2, enable_checkpointing=True)
+    mid = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="mid-{step}", every_n_train_steps=13,
+                                              save_top_k=-1)
+    fit(first, stream(epochs_per_task=epochs), [refresh(), every, mid], max_epochs=2, enable_checkpointing=True)
     L.seed_everything(123)  # the global RNG plays no part after construction
     resumed = ContinualModule(**kwargs)
     resumed_cb = refresh()
-    fit(resumed, stream(epochs_per_task=[1, 2, 1, 1, 1]), [resumed_cb], max_epochs=4,
-        ckpt_path=str(tmp_path / "epoch=1-step=18.ckpt"))
+    fit(resumed, stream(epochs_per_task=epochs), [resumed_cb], max_epochs=4, ckpt_path=str(tmp_path / checkpoint))
     for name, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
     torch.testing.assert_close(full.results["matrix"], resumed.results["matrix"], equal_nan=True, rtol=0, atol=0)
     assert all(torch.equal(full.importance[n], resumed.importance[n]) for n in full.importance)
     assert all(torch.equal(full_cb.fisher[n], resumed_cb.fisher[n]) for n in full_cb.fisher)
-    assert full_cb.fisher_estimates == resumed_cb.fisher_estimates == 3
+    # the Fisher of tasks 0 and 1, each estimated once, at the start of the next task
+    assert full_cb.fisher_done == resumed_cb.fisher_done == 2 and full.ewc_tasks_done == resumed.ewc_tasks_done == 2
+
+
+def test_the_task_fisher_is_estimated_at_the_next_task_start_with_the_task_end_weights() -> None:
+    seen = {}
+
+    class AtTaskEnd(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 1:  # end of task 0 (2 epochs)
+                seen["weights"] = copy.deepcopy(pl_module.net.state_dict())  # with the BN statistics
+
+    L.seed_everything(0)
+    module = ContinualModule(**SMALL, beta=1.0, ewc_lambda=1.0)
+    callback = RefreshLearning(delta=1e-3, fisher_examples=32, fisher_bn="eval")
+    fit(module, stream(epochs_per_task=2), [AtTaskEnd(), callback], max_epochs=3, limit_train_batches=3)
+    from core.fisher import dataset_fisher
+
+    net = copy.deepcopy(module.net)
+    net.load_state_dict(seen["weights"])
+    want = dataset_fisher(net, module.trainer.datamodule.train_set(0), module.fisher_examples, lambda t: t,
+                          bn_mode="eval", max_examples=32, seed=0)
+    for name, value in want.items():
+        torch.testing.assert_close(callback.fisher[name], value, rtol=1e-5, atol=1e-9)
+        assert torch.equal(module.anchor[name], seen["weights"][name])  # EWC anchors the task-end weights too
+    assert callback.fisher_done == 1 and module.ewc_tasks_done == 1
 
 
 class DumpRankState(L.Callback):
