@@ -209,6 +209,16 @@ def test_several_steps_are_successive_ascents() -> None:
     assert not torch.allclose(twice.body[0].weight, single.body[0].weight)
 
 
+def test_unlearn_loss_chooses_which_loss_the_module_is_asked_for() -> None:
+    batch = batch_of()
+    for mode, wanted in (("ce", False), ("objective", True)):
+        module, asked = ToyModule(), []
+        plain = module.refresh_loss
+        module.refresh_loss = lambda b, objective: (asked.append(objective), plain(b, objective))[1]
+        unlearn_once(module, RefreshLearning(delta=1e-3, unlearn_loss=mode), batch)
+        assert asked == [wanted]
+
+
 def test_the_control_arm_moves_each_tensor_as_far_in_a_random_direction() -> None:
     batch = batch_of()
     moved = {}
