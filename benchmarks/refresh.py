@@ -25,12 +25,16 @@ Protocol, fixed before the run:
    (joint training of all 10 classes, same number of steps) on the first 5 seeds give the protocol's
    validity (ceiling - floor) before any comparison.
 Per-run outputs (accuracies, move ratios, preconditioner ranges, timings) go to ``<out>_raw.jsonl``.
+Every run is also appended to ``--cache`` under a hash of its arguments, the stream/model/refresh
+settings and the source of the code it runs (not this script's reporting), and reused from there.
+``--seeds`` lowers the number of test seeds (the full design is 20) when the CPU budget runs short.
 Accuracies are fractions in [0, 1]. The BatchNorm + crop CNN row of the issue is not run (CPU budget).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -109,17 +113,48 @@ def run(arm: str, lr: float, delta: float | None, seed: int, split: str, plan: d
     return out
 
 
-class Runner:
-    """Runs and records every run (raw JSONL), with a progress bar."""
+SOURCES = ("callbacks/refresh.py", "lit_modules/refresh.py", "lit_modules/refresh_parts.py", "core/fisher.py",
+           "core/rng.py", "core/buffer.py", "core/tensor_augment.py", "core/continual_metrics.py",
+           "datamodules/class_incremental.py", "datamodules/sources")
 
-    def __init__(self, plan: dict, raw: Path | None, total: int) -> None:
-        self.plan, self.raw, self.bar = plan, raw, tqdm(total=total, desc="runs")
+
+def code_hash() -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        for path in sorted((REPO / name).rglob("*.py")) if (REPO / name).is_dir() else [REPO / name]:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_key(arm: str, lr: float, delta: float | None, seed: int, split: str, plan: dict, code: str) -> str:
+    """What produces a run: its arguments, the settings run() reads, and the code's source."""
+    what = {"arm": arm, "lr": lr, "delta": delta, "seed": seed, "split": split, "epochs": plan["epochs"],
+            "batches": plan["batches"], "data": DATA, "model": MODEL, "bases": BASES, "refresh": REFRESH,
+            "val_per_class": VAL_PER_CLASS, "code": code}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+class Runner:
+    """Runs (or reuses from the cache) and records every run (raw JSONL), with a progress bar."""
+
+    def __init__(self, plan: dict, raw: Path | None, total: int, cache: Path) -> None:
+        self.plan, self.raw, self.bar, self.cache, self.code = plan, raw, tqdm(total=total, desc="runs"), cache, code_hash()
+        self.cached = {}
+        if cache.is_file():
+            self.cached = {row["key"]: row for row in map(json.loads, cache.read_text().splitlines())}
+        cache.parent.mkdir(parents=True, exist_ok=True)
         if raw:
             raw.parent.mkdir(parents=True, exist_ok=True)
             raw.write_text("")
 
     def __call__(self, stage: str, arm: str, lr: float, delta: float | None, seed: int, split: str) -> dict:
-        out = {"stage": stage, **run(arm, lr, delta, seed, split, self.plan)}
+        key = run_key(arm, lr, delta, seed, split, self.plan, self.code)
+        if key in self.cached:
+            out = {**self.cached[key], "stage": stage}
+        else:
+            out = {"stage": stage, "key": key, **run(arm, lr, delta, seed, split, self.plan)}
+            with self.cache.open("a") as f:
+                f.write(json.dumps(out) + "\n")
         if self.raw:
             with self.raw.open("a") as f:
                 f.write(json.dumps(out) + "\n")
@@ -183,14 +218,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 epochs x 4 batches per task, no tuning")
     parser.add_argument("--out", type=Path, help="write the results as JSON (raw runs next to it, *_raw.jsonl)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: comparable timings)")
+    parser.add_argument("--seeds", type=int, help="test seeds 0..N-1 (default: the plan's, 20 in full mode)")
+    parser.add_argument("--cache", type=Path, default=REPO / "runs/refresh/benchmark_cache.jsonl",
+                        help="JSONL of finished runs keyed by what produced them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    plan = QUICK if args.quick else FULL
+    plan = dict(QUICK if args.quick else FULL)
+    if args.seeds:
+        plan["test_seeds"] = list(range(args.seeds))
     arms = [a for b in BASES for a in (b, f"{b}+refresh", f"{b}+control")]
     total = (len(BASES) + (0 if args.quick else 2 * len(BASES) * len(LR_GRID) * len(plan["tune_seeds"]))
              + len(arms) * len(plan["test_seeds"]) + 2 * plan["bound_seeds"])
     raw = args.out.with_name(args.out.stem + "_raw.jsonl") if args.out else None
-    runner = Runner(plan, raw, total)
+    runner = Runner(plan, raw, total, args.cache)
     start = time.perf_counter()
     calibration = calibrate(runner)
     if args.quick:
