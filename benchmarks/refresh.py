@@ -162,10 +162,10 @@ class Runner:
         return out
 
 
-def calibrate(runner: Runner) -> dict:
+def calibrate(runner: Runner, bases: list[str]) -> dict:
     """delta per base at ``DEFAULT_LR`` giving a median unlearning/SGD move ratio of ``TARGET_RATIO``."""
     found = {}
-    for base in BASES:
+    for base in bases:
         probe = runner("calibration", f"{base}+refresh", DEFAULT_LR, CALIBRATION_DELTA, CALIBRATION_SEED, "val")
         found[base] = {"probe_delta": CALIBRATION_DELTA, "probe_move_ratio": probe["move_ratio_median"],
                        "delta_at_lr": CALIBRATION_DELTA * TARGET_RATIO / probe["move_ratio_median"],
@@ -178,10 +178,10 @@ def delta_for(calibration: dict, base: str, lr: float) -> float:
     return calibration[base]["delta_at_lr"] * lr / calibration[base]["lr"]
 
 
-def tune(runner: Runner, calibration: dict) -> tuple[dict, dict]:
+def tune(runner: Runner, calibration: dict, bases: list[str]) -> tuple[dict, dict]:
     """Same lr grid and seeds for the base and for base+refresh; best mean validation class-IL each."""
     tried, chosen = {}, {}
-    for base in BASES:
+    for base in bases:
         for arm in (base, f"{base}+refresh"):
             scores = {}
             for lr in LR_GRID:
@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 epochs x 4 batches per task, no tuning")
     parser.add_argument("--out", type=Path, help="write the results as JSON (raw runs next to it, *_raw.jsonl)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: comparable timings)")
+    parser.add_argument("--bases", nargs="+", choices=list(BASES), default=list(BASES), help="base learners to run")
     parser.add_argument("--seeds", type=int, help="test seeds 0..N-1 (default: the plan's, 20 in full mode)")
     parser.add_argument("--cache", type=Path, default=REPO / "runs/refresh/benchmark_cache.jsonl",
                         help="JSONL of finished runs keyed by what produced them")
@@ -226,19 +227,20 @@ def main() -> None:
     plan = dict(QUICK if args.quick else FULL)
     if args.seeds:
         plan["test_seeds"] = list(range(args.seeds))
-    arms = [a for b in BASES for a in (b, f"{b}+refresh", f"{b}+control")]
-    total = (len(BASES) + (0 if args.quick else 2 * len(BASES) * len(LR_GRID) * len(plan["tune_seeds"]))
+    bases = args.bases
+    arms = [a for b in bases for a in (b, f"{b}+refresh", f"{b}+control")]
+    total = (len(bases) + (0 if args.quick else 2 * len(bases) * len(LR_GRID) * len(plan["tune_seeds"]))
              + len(arms) * len(plan["test_seeds"]) + 2 * plan["bound_seeds"])
     raw = args.out.with_name(args.out.stem + "_raw.jsonl") if args.out else None
     runner = Runner(plan, raw, total, args.cache)
     start = time.perf_counter()
-    calibration = calibrate(runner)
+    calibration = calibrate(runner, bases)
     if args.quick:
         tried = {}
         chosen = {a: {"lr": DEFAULT_LR, "delta": delta_for(calibration, a.split("+")[0], DEFAULT_LR) if "+" in a
                       else None} for a in arms}
     else:
-        tried, chosen = tune(runner, calibration)
+        tried, chosen = tune(runner, calibration, bases)
     bound_seeds = plan["test_seeds"][: plan["bound_seeds"]]
     bounds = {arm: [runner("bounds", arm, DEFAULT_LR, None, s, "test") for s in bound_seeds]
               for arm in ("floor", "ceiling")}
@@ -250,7 +252,7 @@ def main() -> None:
     diffs = {a: paired(results[a], results[a.split("+")[0]]) for a in plugged}
     validity = statistics.fmean(r["class_il"] for r in bounds["ceiling"]) - statistics.fmean(
         r["class_il"] for r in bounds["floor"])
-    gains = {b: diffs[f"{b}+refresh"] for b in BASES}
+    gains = {b: diffs[f"{b}+refresh"] for b in bases}
     result = {
         "protocol_validity": {"ceiling_minus_floor_class_il": validity,
                               **{a: summarise(rows) for a, rows in bounds.items()}},
@@ -273,7 +275,8 @@ def main() -> None:
         },
         "fit_seconds": {a: statistics.fmean(r["fit_seconds"] for r in results[a]) for a in arms},
         "calibration": calibration, "chosen": chosen, "tuning_val_class_il": tried,
-        "settings": {"quick": args.quick, "plan": plan, "data": DATA, "model": MODEL, "bases": BASES,
+        "settings": {"quick": args.quick, "plan": plan, "data": DATA, "model": MODEL,
+                     "bases": {b: BASES[b] for b in bases},
                      "refresh": REFRESH, "lr_grid": list(LR_GRID), "target_move_ratio": TARGET_RATIO,
                      "val_per_class": VAL_PER_CLASS, "threads": args.threads},
         "wall_seconds": time.perf_counter() - start,
