@@ -131,7 +131,9 @@ def test_gradient_accumulation_is_refused() -> None:
 
 
 # ----------------------------------------------------------------------------- resume, DDP
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", ["epoch=0-step=9.ckpt", "epoch=1-step=18.ckpt", "mid-step=13.ckpt"])
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended")
 def test_resume_equals_the_uninterrupted_run(tmp_path, checkpoint: str) -> None:
     """At a task end (validation-end checkpoint, before the task's Fisher), inside a task, and mid-epoch
     (step 13 of the 9-batch epoch 1): weights, Fisher, EWC importance and counters as uninterrupted."""
