@@ -13,11 +13,12 @@ Batches: ``{"input_ids", "attention_mask", "gender" (1 male, 0 female), "profess
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 import random
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.packaged_models import resolve_model
 
@@ -88,6 +89,30 @@ class TextDataset(Dataset):
         return {k: v[i] for k, v in self.encoded.items()}
 
 
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``0..n-1`` fixed by (seed, epoch); Lightning calls :meth:`set_epoch` before each epoch.
+
+    A DataLoader's own generator advances with every pass, so a run resumed from a checkpoint (a fresh
+    loader) would see other batches than the uninterrupted run; keyed by the epoch, both see the same.
+
+    Args:
+        n: dataset length.
+        seed: base seed of the shuffling.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        yield from torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+
+
 class SAECorpusDataModule(L.LightningDataModule):
     """The explicitly gendered corpus of the training professions, tokenised for the text encoder.
 
@@ -136,8 +161,8 @@ class SAECorpusDataModule(L.LightningDataModule):
         self.all_set = TextDataset(data)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.hparams.seed))
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, drop_last=True,
+                          sampler=EpochShuffle(len(self.train_set), self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size)

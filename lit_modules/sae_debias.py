@@ -109,6 +109,8 @@ class SAEDebiasModule(L.LightningModule):
         return h.flatten(0, 1), batch["attention_mask"].flatten().float()
 
     def on_fit_start(self) -> None:
+        if self.trainer.ckpt_path is not None:
+            return  # resumed: the checkpoint's weights were restored just before this hook; keep them
         tokens = []
         for batch in self.trainer.datamodule.train_dataloader():
             h, w = self.features({k: v.to(self.device) for k, v in batch.items()})
