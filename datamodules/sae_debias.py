@@ -13,8 +13,8 @@ Batches: ``{"input_ids", "attention_mask", "gender" (1 male, 0 female), "profess
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 import random
+from collections.abc import Iterator
 
 import lightning as L
 import torch
