@@ -17,7 +17,7 @@ lambda is chosen per seed on the training professions only (lowest bias with pro
 JSON keys: ``bias``, ``profession_acc``, ``quality`` (classifier confidence) and ``frechet``, each
 ``[split][row] = {mean, std}`` over seeds; ``probe_bias[split][row]`` (embedding space); ``sweep``;
 ``sae`` (mse, explained_variance, dead_fraction, pca_explained_variance with k components);
-``hook_overhead``; ``protocol_validity``; ``targets``; ``settings``; raw per-seed rows in ``*_raw.json``.
+``hook_overhead``; ``diagnosis`` (:func:`diagnose`); ``protocol_validity``; ``targets``; ``settings``; raw per-seed rows in ``*_raw.json``.
 """
 
 from __future__ import annotations
@@ -148,6 +148,30 @@ def sae_quality(module: SAEDebiasModule, data: SAECorpusDataModule, k: int) -> d
             "dead_fraction": float(dead.float().mean()), "pca_explained_variance": float(1 - pca / var)}
 
 
+@torch.no_grad()
+def diagnose(module: SAEDebiasModule, bank: DirectionBank) -> dict:
+    """Why the edit costs profession accuracy, in text space (training professions only):
+    ``direction_cosine``: mean cosine between the directions of two different professions (1: one shared
+    direction); ``profession_token``: per profession, the coefficient <h_t - c, u_p> at the profession word's
+    last token of "a photo of a {p}" (what the projection removes there) and the same coefficient's change
+    between "a photo of a male {p}" and "... female {p}" (how much of it is gender)."""
+    names = SPLITS["train"]
+    u = torch.stack([bank.directions[p] for p in names])
+    cos = u @ u.T
+    coeff = {}
+    for p in names:
+        enc = module.tokenizer([f"a photo of a {p}", f"a photo of a male {p}", f"a photo of a female {p}"],
+                               padding="max_length", max_length=module.tokenizer.model_max_length, return_tensors="pt")
+        h = layer_features(module.encoder, enc.input_ids, enc.attention_mask, module.hparams.layer)
+        last = enc.attention_mask.sum(1) - 2  # the token before [SEP]: the profession word's last piece
+        c = ((h[torch.arange(3), last] - bank.origin) @ bank.directions[p]).tolist()
+        coeff[p] = {"neutral": c[0], "male_minus_female": c[1] - c[2]}
+    return {"direction_cosine": float((cos.sum() - len(names)) / (len(names) * (len(names) - 1))),
+            "profession_token": coeff,
+            "mean_abs_neutral": float(np.mean([abs(v["neutral"]) for v in coeff.values()])),
+            "mean_abs_gender_change": float(np.mean([abs(v["male_minus_female"]) for v in coeff.values()]))}
+
+
 def evaluate(clf: Conv4, images: torch.Tensor, reference: dict[str, torch.Tensor], n: int) -> dict:
     """Per split: mean over professions of bias / accuracy / confidence, and the pooled Frechet distance."""
     labels = torch.arange(len(PROFESSIONS)).repeat_interleave(n)
@@ -201,6 +225,7 @@ def run_seed(seed: int, cfg: dict, cache: Path, t2i: GlyphT2IModule, clf: Conv4,
     probe_bias = {split: {row: float(np.mean([bias_of(v[p]) for p in names])) for row, v in probe_rows.items()}
                   for split, names in SPLITS.items()}
     return {"seed": seed, "rows": rows, "sweep": sweep, "chosen": chosen, "sae": quality, "probe_bias": probe_bias,
+            "diagnosis": diagnose(sae_module, banks["sae"]),
             "hook_overhead": hook_overhead(t2i, banks["sae"], cfg), "images": images}
 
 
@@ -244,6 +269,8 @@ def summarise(per_seed: list[dict]) -> dict:
     out["chosen_strength"] = {name: [s["chosen"][name] for s in per_seed] for name in ("sae", "dense")}
     out["sae"] = {m: stat([s["sae"][m] for s in per_seed]) for m in per_seed[0]["sae"]}
     out["hook_overhead"] = stat([s["hook_overhead"] for s in per_seed])
+    out["diagnosis"] = {m: stat([s["diagnosis"][m] for s in per_seed])
+                        for m in ("direction_cosine", "mean_abs_neutral", "mean_abs_gender_change")}
     return out
 
 

@@ -131,3 +131,25 @@ def random_latent_bank(basis: Tensor, professions: list[str], origin: Tensor, la
         rows.append(signs @ basis[idx])
     return DirectionBank(dict(zip(professions, rows)), torch.stack(rows).mean(0), origin,
                          {p: scale for p in professions})
+
+
+def concat_banks(parts: list[DirectionBank | int]) -> DirectionBank:
+    """One bank over several text encoders' concatenated widths (SDXL: CLIP-L then OpenCLIP-bigG), from one bank
+    per encoder; an int is the width of an encoder left unedited (a zero slice, which the hook skips)."""
+    banks = [p for p in parts if isinstance(p, DirectionBank)]
+    if not banks:
+        raise ValueError("concat_banks needs at least one direction bank")
+    names = banks[0].professions
+    if any(b.professions != names for b in banks):
+        raise ValueError(f"the banks cover different professions: {[b.professions for b in banks]}; "
+                         "train every encoder's SAE on the same corpus")
+
+    def joined(get) -> Tensor:
+        return torch.cat([torch.zeros(p) if isinstance(p, int) else get(p) for p in parts])
+
+    directions = {n: joined(lambda b, n=n: b.directions[n]) for n in names}
+    has_fallback = all(b.fallback is not None for b in banks)
+    fallback = joined(lambda b: b.fallback) if has_fallback else None
+    origin = joined(lambda b: b.origin)
+    scales = {n: sum(b.scales[n] ** 2 for b in banks) ** 0.5 for n in names}
+    return DirectionBank(directions, fallback, origin, scales)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.packaged_models import resolve_model
 
@@ -88,13 +89,37 @@ class TextDataset(Dataset):
         return {k: v[i] for k, v in self.encoded.items()}
 
 
+class _EpochShuffle(Sampler[int]):
+    """A permutation of ``0..n-1`` fixed by (seed, epoch); Lightning calls :meth:`set_epoch` before each epoch.
+
+    A DataLoader's own generator advances with every pass, so a run resumed from a checkpoint (a fresh
+    loader) would see other batches than the uninterrupted run; keyed by the epoch, both see the same.
+
+    Args:
+        n: dataset length.
+        seed: base seed of the shuffling.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        yield from torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+
+
 class SAECorpusDataModule(L.LightningDataModule):
     """The explicitly gendered corpus of the training professions, tokenised for the text encoder.
 
     Args:
         tokenizer: tokenizer name or folder (``minilm``: the packaged all-MiniLM-L6-v2; a pipeline's
             ``<folder>/tokenizer`` for the paper settings).
-        subfolder: the tokenizer's subfolder (``tokenizer`` in a diffusers pipeline folder).
+        tokenizer_subfolder: the tokenizer's subfolder (``tokenizer`` in a diffusers pipeline folder).
         professions: training professions (their texts train the SAE and the direction bank).
         heldout: professions kept out of the SAE and the bank (measured through the global direction).
         max_length: padded token length (the diffusion pipeline's ``tokenizer.model_max_length``).
@@ -103,7 +128,7 @@ class SAECorpusDataModule(L.LightningDataModule):
         seed: seed of the split and of the shuffling.
     """
 
-    def __init__(self, tokenizer: str = "minilm", subfolder: str = "", professions: tuple[str, ...] = TRAIN_PROFESSIONS,
+    def __init__(self, tokenizer: str = "minilm", tokenizer_subfolder: str = "", professions: tuple[str, ...] = TRAIN_PROFESSIONS,
                  heldout: tuple[str, ...] = HELDOUT_PROFESSIONS, max_length: int = 16, val_fraction: float = 0.2,
                  batch_size: int = 64, seed: int = 0) -> None:
         super().__init__()
@@ -119,7 +144,7 @@ class SAECorpusDataModule(L.LightningDataModule):
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.hparams.tokenizer),
-                                                      subfolder=self.hparams.subfolder)
+                                                      subfolder=self.hparams.tokenizer_subfolder)
         except OSError as err:
             raise FileNotFoundError(f"data.init_args.tokenizer={self.hparams.tokenizer!r}: no local tokenizer "
                                     f"({err.__class__.__name__}); point it at a local model folder") from err
@@ -136,8 +161,8 @@ class SAECorpusDataModule(L.LightningDataModule):
         self.all_set = TextDataset(data)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.hparams.seed))
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, drop_last=True,
+                          sampler=_EpochShuffle(len(self.train_set), self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size)

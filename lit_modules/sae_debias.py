@@ -81,8 +81,17 @@ class SAEDebiasModule(L.LightningModule):
         fallback: ``global`` (mean direction for professions outside the bank) or ``none`` (an error).
         origin: projection origin c: ``mean`` of the corpus features, ``zero`` or ``b_dec``.
         random_latents: dictionary rows per direction of the random-latent control bank.
-        strength: lambda for the probe measured at the end of fit.
+        strength: lambda for the probe (and the images) measured at the end of fit.
         mode: ``project`` or ``subtract`` for that measurement.
+        pipeline: diffusers text-to-image folder / cached hub id whose images are evaluated at the end of fit
+            (``""``: no image evaluation); its text encoder(s) must be the one(s) the SAE read.
+        clip_model: local CLIP folder of the image judge (zero-shot gender, CLIP score); needed with ``pipeline``.
+        pipeline_layers: edited layer per pipeline text encoder (``[]``: ``[layer]``; SDXL: ``[10, 28]``).
+        pipeline_banks: per pipeline text encoder, ``""`` (this run's banks), ``none`` (unedited) or the
+            ``banks/`` folder of the run whose SAE read that encoder (``[]``: this run's banks on the first).
+        eval_images: images per profession and row.
+        eval_steps: denoising steps.
+        guidance: classifier-free guidance scale.
     """
 
     def __init__(self, text_encoder: str = "minilm", subfolder: str = "", tokenizer_subfolder: str = "",
@@ -92,7 +101,10 @@ class SAEDebiasModule(L.LightningModule):
                  pooling: Literal["mean", "all", "first"] = "mean",
                  direction_source: Literal["decoder", "encoder"] = "decoder", latents: int = 0,
                  fallback: Literal["global", "none"] = "global", origin: Literal["mean", "zero", "b_dec"] = "mean",
-                 random_latents: int = 16, strength: float = 1.0, mode: Literal["project", "subtract"] = "project") -> None:
+                 random_latents: int = 16, strength: float = 1.0, mode: Literal["project", "subtract"] = "project",
+                 pipeline: str = "", clip_model: str = "", pipeline_layers: list[int] | None = None,
+                 pipeline_banks: list[str] | None = None, eval_images: int = 8, eval_steps: int = 50,
+                 guidance: float = 7.5) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.encoder, self.tokenizer = load_text_encoder(text_encoder, subfolder, tokenizer_subfolder)
@@ -109,6 +121,8 @@ class SAEDebiasModule(L.LightningModule):
         return h.flatten(0, 1), batch["attention_mask"].flatten().float()
 
     def on_fit_start(self) -> None:
+        if self.trainer.ckpt_path is not None:
+            return  # resumed: the checkpoint's weights were restored just before this hook; keep them
         tokens = []
         for batch in self.trainer.datamodule.train_dataloader():
             h, w = self.features({k: v.to(self.device) for k, v in batch.items()})
@@ -187,6 +201,21 @@ class SAEDebiasModule(L.LightningModule):
             out[profession] = float(probe.p_male(feats).mean())
         return out
 
+    def evaluate_images(self, banks: dict[str, DirectionBank], splits: dict[str, list[str]]) -> dict[str, float]:
+        """CLIP bias and CLIP score of the pipeline's images, with and without the SAE and dense banks."""
+        from core.clip_judge import ClipJudge
+        from lit_modules.sae_debias_eval import evaluate_pipeline, load_pipeline, pipeline_bank
+
+        hp = self.hparams
+        device = self.trainer.strategy.root_device
+        judge = ClipJudge(hp.clip_model, device=device)  # first: a missing judge fails before the long load
+        pipe = load_pipeline(hp.pipeline).to(device)
+        layers = list(hp.pipeline_layers or [hp.layer])
+        rows = {row: pipeline_bank(banks[row], pipe, layers, list(hp.pipeline_banks or []), row)
+                for row in ("sae", "dense")}
+        return evaluate_pipeline(pipe, judge, rows, splits, layers, hp.eval_images, hp.eval_steps, hp.guidance,
+                                 hp.strength, hp.mode)
+
     def on_fit_end(self) -> None:
         dm = self.trainer.datamodule
         self.cpu()
@@ -203,6 +232,8 @@ class SAEDebiasModule(L.LightningModule):
         for split, names in (("train", dm.professions), ("heldout", dm.heldout)):
             for row, p_male in rows.items():
                 metrics[f"test/probe_bias_{split}_{row}"] = sum(bias_of(p_male[p]) for p in names) / len(names)
+        if self.hparams.pipeline:
+            metrics.update(self.evaluate_images(banks, {"train": dm.professions, "heldout": dm.heldout}))
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics)
         from lit_modules.sae_debias_plots import plot_probe
