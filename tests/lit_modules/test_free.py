@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch import Tensor
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
 
 from callbacks.gradient_alignment import GradientAlignment
 from core.model_zoo import ZooTeacher, load_zoo, save_zoo
