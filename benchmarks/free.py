@@ -3,22 +3,30 @@
 Protocol: a zoo of Conv4 teachers (32 channels), each on 5 random ``meta_train`` glyph classes; data-free
 meta-learning from the zoo; 5-way 1-shot and 5-shot MAML fine-tuning (10 steps, lr 0.01, transductive BN)
 on the same fixed ``meta_test`` episodes for every row (classes unseen by every teacher). Model selection
-on ``meta_val`` episodes only (ProtoNet accuracy, every ``val_every`` steps). One meta-learner per row and
-seed is trained with 5-shot replay episodes and scored at both shots (the release trains one per shot).
+on ``meta_val`` episodes only, by the test protocol itself (MAML fine-tuning, 5-shot, every ``val_every``
+steps; the first evaluation sees the untrained learner). One meta-learner per row and seed is trained
+with 5-shot replay episodes and scored at both shots (the release trains one per shot).
 
-Scale (one CPU core): 16 px glyphs, 20 teachers, 48 FREE steps (8 warm-up) with 2 replay meta-batches of
-4 episodes each, generator nz 64 / ngf 16, 50 images per teacher, outer lr 5e-3 for every learned row (the
-release runs 1000 steps with >= 100 replay episodes each at lr 1e-3).
+Scale (one CPU core): 16 px glyphs, 20 teachers, 24 FREE steps (8 warm-up) with 2 replay meta-batches of
+4 episodes each, generator nz 64 / ngf 16, 50 images per teacher, outer lr 1e-3 (the release's), three
+training seeds. The release runs 1000 steps with >= 100 replay episodes each. The alignment scale alpha is
+1, chosen on meta-val (docs/methods/free.md): the release's 67 makes the alignment pseudo-gradient swamp
+the second moments of the Adam it shares with replay, which at 2 replay meta-updates per step (the
+release makes >= 10) freezes replay.
 
-Rows: ``random_init`` (floor: an untrained Conv4), ``averaging`` (parameter average of the teachers),
-``no_alignment`` (FREE without the alignment step: pool replay only), ``free_first_order`` (first-order
-MAML replay), ``free``, and ``real_data`` (ceiling: the same MAML replay on real meta-train episodes, as
-many meta-updates as FREE makes). Also: ``recovery_speedup_*`` (trained meta-generator vs a fresh
-generator on held-out teachers, steps and seconds to the CE the fresh one reaches in ``fresh_steps``)
-and ``zoo_speedup`` (one stacked epoch vs the same epoch as a loop over teachers).
+Rows: ``random_init`` (floor: an untrained Conv4, the same initial weights as every trained row of its
+seed), ``averaging`` (parameter average of the teachers), ``no_alignment`` (FREE without the alignment
+step: pool replay only), ``free_first_order`` (first-order MAML replay), ``free``, and ``real_data``
+(ceiling: the same MAML replay on real meta-train episodes, as many meta-updates as FREE makes). Also:
+``recovery_speedup_*`` (FIVE's claim: iterations and seconds a fresh generator needs to reach the teacher
+CE the meta-generator reaches within its 5 adaptation iterations, on held-out teachers) and ``zoo_speedup``
+(one stacked epoch vs the same epoch as a loop over teachers).
 
-    python benchmarks/free.py              # the full run: 1 training seed (--seeds 0 1 2 for more), 600 episodes
-    python benchmarks/free.py --quick      # smoke run, about two minutes
+    python benchmarks/free.py                    # the full run: seeds 0 1 2, 600 test episodes per shot
+    python benchmarks/free.py --quick            # smoke run
+    # or one process per seed, then one JSON:
+    python benchmarks/free.py --seeds 1 --out runs/free_s1.json   (etc.)
+    python benchmarks/free.py --merge benchmarks/results/free_raw.json runs/free_s1_raw.json ...
 
 Writes ``benchmarks/results/free.json`` and ``free_raw.json`` (every episode accuracy of every row, shot
 and seed, the validation curves and the recovery curves). The zoo is cached under the litzoo cache,
@@ -55,16 +63,16 @@ from lit_modules.model_zoo import ZooModule
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 SHOTS, N_WAY, N_QUERY, EVAL_SEED = (1, 5), 5, 15, 12345
-FULL = dict(size=16, teachers=20, holdout=2, zoo_per_class=60, zoo_epochs=10, steps=48, warmup=8, val_every=8,
-            val_episodes=100, test_episodes=600, replay_batches=2, episode_batch=4, seeds=[0], fresh_steps=200,
+FULL = dict(size=16, teachers=20, holdout=2, zoo_per_class=60, zoo_epochs=10, steps=24, warmup=8, val_every=8,
+            val_episodes=50, test_episodes=600, replay_batches=2, episode_batch=4, seeds=[0, 1, 2], fresh_steps=200,
             recovery_seeds=2)
 QUICK = dict(size=16, teachers=8, holdout=2, zoo_per_class=30, zoo_epochs=2, steps=6, warmup=2, val_every=3,
              val_episodes=20, test_episodes=40, replay_batches=1, episode_batch=2, seeds=[0], fresh_steps=30,
              recovery_seeds=1)
 FREE_ARGS = dict(hidden=32, nz=64, ngf=16, teachers_per_step=4, images_per_class=10, generator_steps=5,
                  augment_flip=False, replay_k_shot=5, replay_q_query=5, replay_patience=0, pool_capacity=100,
-                 evaluation="protonet", outer_lr=5e-3)
-ALIGN = dict(mode="sequential", alpha=67.0, inner_lr=1e-3, inner_optimizer="adam")
+                 evaluation="maml", outer_lr=1e-3)
+ALIGN = dict(mode="sequential", alpha=1.0, inner_lr=1e-3, inner_optimizer="adam")  # alpha tuned on meta-val (release 67)
 
 
 def _quiet_trainer(**kwargs) -> L.Trainer:
@@ -162,7 +170,7 @@ def train_free(zoo: Path, cfg: dict, seed: int, row: str, alignment: bool, first
     torch.manual_seed(seed)
     callbacks = [Curve()] + ([GradientAlignment(**ALIGN)] if alignment else [])
     start = time.perf_counter()
-    run_dir = Path("runs/benchmarks/free") / f"{'quick' if cfg is QUICK else 'full'}_{row}_seed{seed}"
+    run_dir = Path("runs/benchmarks/free") / f"{'quick' if cfg.get('quick') else 'full'}_{row}_seed{seed}"
     _quiet_trainer(max_epochs=cfg["steps"] // cfg["val_every"], callbacks=callbacks,
                    default_root_dir=str(run_dir)).fit(module, datamodule=data)
     seconds = time.perf_counter() - start
@@ -189,7 +197,7 @@ def train_real(cfg: dict, seed: int, n_updates: int) -> tuple[Conv4, dict]:
         loss.sum().backward()
         opt.step()
         if (u + 1) % max(1, n_updates // 5) == 0 or u == n_updates - 1:
-            curve.append(float(protonet_accuracy(learner.features, val[:, :, :5], val[:, :, 5:]).mean()))
+            curve.append(float(maml_accuracy(learner, val[:, :, :5], val[:, :, 5:], 10, 0.01).mean()))
             if curve[-1] > best:
                 best, best_state = curve[-1], {k: v.clone() for k, v in learner.state_dict().items()}
     learner.load_state_dict(best_state)
@@ -197,16 +205,19 @@ def train_real(cfg: dict, seed: int, n_updates: int) -> tuple[Conv4, dict]:
 
 
 def recovery(generator_state: dict, zoo: Path, cfg: dict) -> dict:
-    """Steps and seconds to the teacher CE a fresh generator reaches in ``fresh_steps``, on held-out teachers."""
+    """FIVE's speed claim on held-out teachers: iterations (and seconds) a fresh generator needs to reach the
+    teacher CE the meta-generator reaches in its ``generator_steps`` adaptation iterations (the budget it was
+    meta-trained for), from the same latents and the same Adam; the fresh run is cut at ``fresh_steps``
+    (then the speed-up is a lower bound, counted in ``censored``)."""
     teachers, records, _ = load_zoo(zoo)
-    n = 5 * FREE_ARGS["images_per_class"]
+    n, budget = 5 * FREE_ARGS["images_per_class"], FREE_ARGS["generator_steps"]
     targets = torch.arange(n) % 5
     curves = {"fresh": [], "meta": []}
-    steps_fresh, steps_meta, sec_fresh, sec_meta = [], [], [], []
+    steps_fresh, sec_fresh, sec_meta, target_ce, censored = [], [], [], [], 0
     for teacher in teachers[-cfg["holdout"]:]:
         for s in range(cfg["recovery_seeds"]):
             runs = {}
-            for name in ("fresh", "meta"):
+            for name, steps in (("meta", budget), ("fresh", cfg["fresh_steps"])):
                 torch.manual_seed(100 + s)
                 gen = Generator(FREE_ARGS["nz"], FREE_ARGS["ngf"], cfg["size"], 1)
                 if name == "meta":
@@ -214,26 +225,30 @@ def recovery(generator_state: dict, zoo: Path, cfg: dict) -> dict:
                 z = torch.randn(n, FREE_ARGS["nz"], generator=keyed_generator(s, 9)).requires_grad_(True)
                 opt = torch.optim.Adam([{"params": gen.parameters()}, {"params": [z]}], lr=1e-3, betas=(0.5, 0.999))
                 ce, times, start = [], [], time.perf_counter()
-                for _ in range(cfg["fresh_steps"]):
+                for _ in range(steps):  # ce[i]: the loss of iteration i + 1 (before its update), as FREE keeps it
                     loss = F.cross_entropy(teacher(gen(z)), targets)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                     ce.append(float(loss))
                     times.append(time.perf_counter() - start)
+                    if name == "fresh" and ce[-1] <= runs["meta"][0][-1]:
+                        break  # reached the meta-generator's CE
                 runs[name] = (ce, times)
                 curves[name].append(ce)
-            target = min(runs["fresh"][0])
-            reach = {k: next(i for i, c in enumerate(v[0]) if c <= target) + 1 if min(v[0]) <= target else len(v[0])
-                     for k, v in runs.items()}
-            steps_fresh.append(reach["fresh"])
-            steps_meta.append(reach["meta"])
-            sec_fresh.append(runs["fresh"][1][reach["fresh"] - 1])
-            sec_meta.append(runs["meta"][1][reach["meta"] - 1])
+            target = runs["meta"][0][-1]
+            hit = [i for i, c in enumerate(runs["fresh"][0]) if c <= target][:1]
+            censored += not hit
+            i = hit[0] if hit else cfg["fresh_steps"] - 1
+            target_ce.append(target)
+            steps_fresh.append(i + 1)
+            sec_fresh.append(runs["fresh"][1][i])
+            sec_meta.append(runs["meta"][1][-1])
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return {"recovery_speedup_steps": mean(steps_fresh) / mean(steps_meta),
+    return {"recovery_speedup_steps": mean(steps_fresh) / budget,
             "recovery_speedup_seconds": mean(sec_fresh) / mean(sec_meta),
-            "steps_fresh": steps_fresh, "steps_meta": steps_meta, "curves": curves}
+            "target_ce": target_ce, "steps_meta": budget, "steps_fresh": steps_fresh, "censored": censored,
+            "fresh_ce_at_budget": [c[min(budget, len(c)) - 1] for c in curves["fresh"]], "curves": curves}
 
 
 def averaged_teachers(zoo: Path, cfg: dict) -> Conv4:
@@ -262,20 +277,24 @@ def summarise(raw: dict) -> dict:
            / max(acc["real_data"][shot]["mean"] - acc["random_init"][shot]["mean"], 1e-9) for shot in acc["free"]}
     validity = {shot: acc["real_data"][shot]["mean"] - acc["random_init"][shot]["mean"] for shot in acc["free"]}
     five = acc["free"]["5"]
+    chosen = {key: info["chosen"] for key, info in raw["training"].items() if "chosen" in info}
+    above = {f"free_above_{row}_5shot": five["mean"] - five["ci95"] > acc[row]["5"]["mean"] + acc[row]["5"]["ci95"]
+             for row in ("no_alignment", "random_init") if row in acc}  # non-overlapping 95 % CIs
     return {"protocol_validity": validity, "acc": acc, "acc_protonet": acc_proto, "gap_closed_by_free": gap,
-            "free_above_no_alignment_5shot": five["mean"] - five["ci95"] > acc["no_alignment"]["5"]["mean"]
-            + acc["no_alignment"]["5"]["ci95"],
-            "free_above_random_init_5shot": five["mean"] - five["ci95"] > acc["random_init"]["5"]["mean"]
-            + acc["random_init"]["5"]["ci95"]}
+            "selected_evaluation": chosen, **above}  # selected 0: meta-val selection kept the untrained learner
 
 
 def write(args: argparse.Namespace, raw: dict, extra: dict) -> dict:
     """Summarise what is there and write both files (after every row, so an interrupted run keeps its rows)."""
     teachers = read_manifest(extra.pop("zoo"))[1]
-    result = {"quick": args.quick, **extra, **(summarise(raw) if _complete(raw) else {"partial_rows": list(raw["rows"])}),
+    args.quick = raw["config"].get("quick", args.quick)
+    result = {"quick": args.quick, **extra, **(summarise(raw) if _complete(raw) else {}), "rows": list(raw["rows"]),
               "teacher_accuracy_mean": sum(t.accuracy for t in teachers) / len(teachers), "config": raw["config"]}
     if "recovery" in raw:
-        result.update({k: raw["recovery"][k] for k in ("recovery_speedup_steps", "recovery_speedup_seconds")})
+        for key in ("recovery_speedup_steps", "recovery_speedup_seconds"):
+            per_seed = [r[key] for r in raw["recovery"].values()]
+            result[key], result[key + "_per_seed"] = sum(per_seed) / len(per_seed), per_seed
+        result["recovery_censored"] = sum(r["censored"] for r in raw["recovery"].values())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     args.out.with_name(args.out.stem + "_raw.json").write_text(json.dumps(raw))
@@ -283,7 +302,25 @@ def write(args: argparse.Namespace, raw: dict, extra: dict) -> dict:
 
 
 def _complete(raw: dict) -> bool:
-    return {"random_init", "averaging", "no_alignment", "free_first_order", "free", "real_data"} <= set(raw["rows"])
+    """Floor, ceiling and FREE are there (an interrupted run may lack the other rows)."""
+    return {"random_init", "free", "real_data"} <= set(raw["rows"])
+
+
+def merge(args: argparse.Namespace) -> None:
+    """One JSON from runs of the same mode on disjoint seeds (e.g. one process per seed)."""
+    parts = [json.loads(p.read_text()) for p in args.merge]
+    summaries = [json.loads(p.with_name(p.name.replace("_raw.json", ".json")).read_text()) for p in args.merge]
+    raw = parts[0]
+    for part in parts[1:]:
+        for row, per_seed in part["rows"].items():
+            raw["rows"].setdefault(row, {}).update(per_seed)
+        raw["training"].update(part["training"])
+        raw.setdefault("recovery", {}).update(part.get("recovery", {}))
+    raw["config"]["seeds"] = sorted({int(s) for part in parts for s in part["config"]["seeds"]})
+    keep = ("stacked_seconds", "loop_seconds", "zoo_speedup", "zoo_train_seconds")
+    extra = {**{k: summaries[0][k] for k in keep}, "zoo": Path(summaries[0]["zoo_dir"]),
+             "wall_seconds": max(s["wall_seconds"] for s in summaries), "merged_from": [str(p) for p in args.merge]}
+    write(args, raw, extra)
 
 
 def main() -> None:
@@ -292,10 +329,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "free.json")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the mode's)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="summarise these raw files of runs on disjoint seeds (same mode) into --out")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args)
     torch.set_num_threads(args.threads)
     cfg = dict(QUICK if args.quick else FULL)
-    cfg["seeds"] = args.seeds or cfg["seeds"]
+    cfg["seeds"], cfg["quick"] = args.seeds or cfg["seeds"], args.quick
     t0 = time.perf_counter()
     zoo, zoo_seconds = build_zoo(cfg)
     extra = {**zoo_speedup(cfg), "zoo_train_seconds": zoo_seconds}
@@ -304,9 +345,10 @@ def main() -> None:
     rows = raw["rows"]
 
     def save() -> dict:
-        return write(args, raw, {**extra, "zoo": zoo, "wall_seconds": time.perf_counter() - t0})
+        return write(args, raw, {**extra, "zoo": zoo, "zoo_dir": str(zoo), "wall_seconds": time.perf_counter() - t0})
 
-    rows["averaging"] = {0: score(averaged_teachers(zoo, cfg), episodes)}
+    if 0 in cfg["seeds"]:  # deterministic: scored once, by the run that has seed 0
+        rows["averaging"] = {0: score(averaged_teachers(zoo, cfg), episodes)}
     for seed in cfg["seeds"]:  # floor and ceiling first: an interrupted run still has the protocol's validity
         torch.manual_seed(seed)
         rows.setdefault("random_init", {})[seed] = score(transductive(Conv4(1, 32, N_WAY, cfg["size"])), episodes)
@@ -321,10 +363,12 @@ def main() -> None:
             rows.setdefault(row, {})[seed] = score(module.learner, episodes)
             raw["training"][f"{row}/{seed}"] = info
             print(f"seed {seed} {row}: val {info['val_curve']} in {info['train_seconds']:.0f} s", flush=True)
-            if row == "free" and seed == cfg["seeds"][0]:
-                raw["recovery"] = recovery(module.generator.state_dict(), zoo, cfg)
+            if row == "free":  # the meta-generator of every training seed
+                raw.setdefault("recovery", {})[seed] = recovery(module.generator.state_dict(), zoo, cfg)
             save()
     result = save()
+    if "acc" not in result:  # a run without seed 0 (no averaging row): summarised by --merge
+        return
     print(f"{'row':18s} {'1-shot':>16s} {'5-shot':>16s}")
     for row, shots in result["acc"].items():
         print(f"{row:18s} " + " ".join(f"{shots[s]['mean']:.3f} +- {shots[s]['ci95']:.3f}" for s in ("1", "5")))

@@ -186,7 +186,9 @@ class FREEModule(L.LightningModule):
         out = []
         for j, t in enumerate(ids):
             z = torch.randn(n, hp.nz, generator=keyed_generator(hp.rng_seed, step, 1, j)).to(self.device)
-            loss_fn = inversion_loss(self.teachers[t], targets, lambda x, j=j: self._augment(x, (step, 2, j)),
+            views = keyed_generator(hp.rng_seed, step, 2, j)  # one stream per teacher: a new view per iteration
+            loss_fn = inversion_loss(self.teachers[t], targets,
+                                     lambda x, g=views: random_crop_flip(x, hp.augment_padding, hp.augment_flip, g),
                                      student, hp.ce_weight, hp.adv_weight, hp.bn_weight, hp.release_kl)
             images, grads, loss = adapt_generator(self.generator, z, loss_fn, hp.generator_steps, hp.generator_lr)
             for acc, g in zip(meta_grads, grads):

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
 
 from callbacks.gradient_alignment import GradientAlignment
 from core.model_zoo import ZooTeacher, load_zoo, save_zoo
@@ -162,3 +163,22 @@ def test_zoo_stage_keeps_each_teachers_best_epoch_and_exports_it(tmp_path: Path)
         assert records[i].accuracy == pytest.approx(float(module.best_acc[i]))
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert set(saved["zoo_best"]) == set(module.best)
+
+
+def test_every_generator_iteration_draws_a_new_augmentation(zoo: Path, tmp_path: Path, monkeypatch) -> None:
+    """The release re-draws the crop (and flip) at every one of the generator's adaptation iterations;
+    a crop fixed per teacher would fit the images to one view only."""
+    import lit_modules.free as free
+
+    seen: list[Tensor] = []
+    original = free.random_crop_flip
+
+    def spy(images, padding, flip, generator):  # noqa: ANN001, ANN202
+        seen.append(generator.get_state())
+        return original(images, padding, flip, generator)
+
+    monkeypatch.setattr(free, "random_crop_flip", spy)
+    module = FREEModule(zoo=str(zoo), **{**TINY, "warmup": 5, "generator_steps": 3, "teachers_per_step": 1})
+    fit(module, 1, tmp_path, enable_checkpointing=False, limit_val_batches=0, max_steps=1)
+    assert len(seen) == 3  # one warm-up step: three iterations of one teacher
+    assert len({bytes(s.numpy()) for s in seen}) == 3
