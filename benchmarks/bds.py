@@ -1,7 +1,11 @@
 """BDS under the paper's threat model at CPU scale: aligned start, poisoned fine-tuning, nine rows.
 
-    python benchmarks/bds.py --out benchmarks/results/bds.json     # full (see REPRODUCIBILITY.md for the time)
+    python benchmarks/bds.py --out benchmarks/results/bds.json     # full, one process
     python benchmarks/bds.py --quick                               # smoke check (one seed, one ratio, tiny sizes)
+    # the committed run: one process per seed, then a merge (the alignment stage must be cached first:
+    # run the seed-0 process alone until it prints its first row, or run --quick once)
+    for s in 0 1 2; do python benchmarks/bds.py --seeds $s --out runs/bds/bench/s$s/bds.json & done; wait
+    python benchmarks/bds.py --merge runs/bds/bench/s{0,1,2}/bds_raw.json --out benchmarks/results/bds.json
 
 Protocol (same model, data and seeds for every row):
 1. Alignment stage, run once and cached under ``$LITZOO_CACHE/benchmarks/bds/aligned-<hash>`` (the hash
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -46,15 +51,15 @@ from torchmetrics.functional.classification import binary_auroc  # noqa: E402
 
 from callbacks.bayesian_weighting import BayesianDataScheduler, weight_statistics  # noqa: E402
 from core.packaged_models import default_cache_dir  # noqa: E402
-from core.response_judge import ResponseJudge, confusion  # noqa: E402
 from core.refusal_judge import answer_correct  # noqa: E402
+from core.response_judge import ResponseJudge, confusion  # noqa: E402
 from datamodules.bds import BDSDataModule  # noqa: E402
 from datamodules.sources import smollm2_path  # noqa: E402
 from lit_modules.bds import BDSModule  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 ROWS = ("aligned", "clean", "sft", "mix", "oracle", "bds", "bds_ref", "weighted_only", "loss_filter")
-HASHED_CODE = ("datamodules/bds.py", "datamodules/bds_tasks.py", "lit_modules/bds.py", "benchmarks/bds.py")
+HASHED_CODE = ("datamodules/bds.py", "datamodules/bds_tasks.py", "lit_modules/bds.py", "core/sequence_loss.py")
 
 
 class StepTimer(L.Callback):
@@ -71,7 +76,7 @@ class StepTimer(L.Callback):
 
 
 def data(args: argparse.Namespace, ratio: float, seed: int, fold: int, **kwargs) -> BDSDataModule:
-    init = dict(tokenizer="smollm2", task="arithmetic", harmful_source="demo", prompt_format="plain", max_length=96,
+    init = dict(tokenizer="smollm2", task="arithmetic", harmful_source="demo", prompt_format=args.prompt_format, max_length=128,
                 harmful_ratio=ratio, seed=seed, num_finetune=args.num_finetune, num_alignment=args.num_alignment,
                 num_eval_harmful=args.num_eval, num_eval_task=args.num_task, eval_offset=fold * args.num_eval,
                 batch_size=args.batch_size, eval_batch_size=args.eval_batch_size)
@@ -83,18 +88,20 @@ def data(args: argparse.Namespace, ratio: float, seed: int, fold: int, **kwargs)
 def module(args: argparse.Namespace, mode: str, adapter: str | None, **kwargs) -> BDSModule:
     init = dict(model=str(smollm2_path()), dtype="bfloat16", lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
                 lora_layers=args.lora_layers, mode=mode, lr=args.lr, weight_decay=0.1, init_adapter=adapter,
-                max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens)
+                max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens, export_adapter=False)
     m = BDSModule(**{**init, **kwargs})
     m.configure_model()
     return m
 
 
 def fit(m: BDSModule, dm: BDSDataModule, epochs: int, callbacks: list, root: str | None = None) -> StepTimer:
+    """Train ``m``; the run's files (weights plot, adapter) go to ``root`` (default: a folder deleted after)."""
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[timer, *callbacks], default_root_dir=root)
-    trainer.fit(m, datamodule=dm)
+    with TemporaryDirectory() as tmp:
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, callbacks=[timer, *callbacks], default_root_dir=root or tmp)
+        trainer.fit(m, datamodule=dm)
     return timer
 
 
@@ -127,10 +134,13 @@ def score(gen: dict, judge: ResponseJudge, tag: dict, sink: list) -> dict[str, f
 
 
 def settings_hash(args: argparse.Namespace) -> str:
-    keys = ("num_alignment", "align_epochs", "lr", "lora_r", "lora_layers", "batch_size", "helpful_tokens")
+    keys = ("num_alignment", "align_epochs", "lr", "lora_r", "lora_layers", "batch_size", "helpful_tokens",
+            "prompt_format")
     digest = hashlib.sha256(json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True).encode())
     for name in HASHED_CODE:
         digest.update((REPO / name).read_bytes())
+    for function in (data, module, fit, aligned_adapter):  # the part of this file that builds the stage
+        digest.update(inspect.getsource(function).encode())
     return digest.hexdigest()[:12]
 
 
@@ -149,7 +159,7 @@ def aligned_adapter(args: argparse.Namespace) -> Path:
         del base
         torch.manual_seed(0)
         stage = data(args, 0.0, 0, 0, stage="alignment", helpful_file=str(Path(tmp) / "helpful.json"))
-        m = module(args, "sft", None)
+        m = module(args, "sft", None, export_adapter=True)
         fit(m, stage, args.align_epochs, [], root=tmp)
         part = target.with_name(target.name + ".part")
         shutil.rmtree(part, ignore_errors=True)
@@ -177,7 +187,8 @@ def scheduler(args: argparse.Namespace, reference: float = 0.0) -> BayesianDataS
 
 def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge: ResponseJudge, sink: list) -> dict:
     """Every row at every ratio for one seed; returns ``{ratio: {row: metrics}}`` plus step times."""
-    out: dict = {"steps": {"mix": [], "bds": [], "bds_ref": []}}
+    out: dict = {"seed": seed, "steps": {"mix": [], "bds": [], "bds_ref": []}}
+    start = time.perf_counter()
     tag = {"seed": seed, "ratio": 0.0}
     dm0 = data(args, 0.0, seed, fold)
     aligned = module(args, "sft", adapter)
@@ -186,6 +197,7 @@ def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge
     clean = module(args, "sft", adapter)
     fit(clean, dm0, args.epochs, [])
     shared["clean"] = score(answers(clean, dm0), judge, {**tag, "row": "clean"}, sink)
+    print(f"seed {seed}: {shared}", flush=True)
     for ratio in args.ratios:
         tag = {"seed": seed, "ratio": ratio}
         dm = data(args, ratio, seed, fold)
@@ -213,6 +225,7 @@ def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge
                                 weight_mean_benign_applied=applied["weight_mean_benign"])
             print(f"seed {seed} p={ratio} {row}: {res[row]}", flush=True)
         out[str(ratio)] = res
+    out["wall_s"] = round(time.perf_counter() - start, 1)
     return out
 
 
@@ -267,26 +280,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON (+ _raw.json, _generations.jsonl)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--align-epochs", type=int, default=3)
-    parser.add_argument("--num-finetune", type=int, default=40)
+    parser.add_argument("--num-finetune", type=int, default=24)
     parser.add_argument("--num-alignment", type=int, default=40)
-    parser.add_argument("--num-eval", type=int, default=68, help="held-out harmful prompts per seed (disjoint folds)")
-    parser.add_argument("--num-task", type=int, default=24)
+    parser.add_argument("--num-eval", type=int, default=17, help="held-out harmful prompts per seed (disjoint folds)")
+    parser.add_argument("--num-task", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=34)
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--task-max-new-tokens", type=int, default=22)
     parser.add_argument("--helpful-tokens", type=int, default=24)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--scheduler-lr", type=float, default=0.1)
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--lora-layers", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--prompt-format", default="chat", choices=["chat", "plain", "alpaca"])
+    parser.add_argument("--scheduler-lr", type=float, default=0.25)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="summarise the _raw.json files of runs over disjoint --seeds (with the same settings) into "
+                             "--out instead of running: one process per seed runs them in parallel")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.ratios, args.seeds, args.num_eval, args.num_task, args.epochs = [0.3], [0], 17, 8, 2
+        args.ratios, args.seeds, args.num_eval, args.num_task, args.epochs = [0.3], [0], 8, 4, 1
     start = time.perf_counter()
     judge = ResponseJudge()
     labelled = json.loads((REPO / "benchmarks" / "bds_judge_set.json").read_text())["items"]
@@ -295,16 +312,31 @@ def main() -> None:
     print(f"judge on {judge_stats['n']} labelled answers: accuracy {judge_stats['accuracy']:.3f}", flush=True)
     adapter = str(aligned_adapter(args))
     sink: list[dict] = []
-    raw = [run_seed(args, seed, fold, adapter, judge, sink) for fold, seed in enumerate(args.seeds)]
+    raw: list[dict] = []
+    if args.merge:
+        for path in args.merge:
+            raw += json.loads(path.read_text())
+            sink += [json.loads(line) for line in path.with_name(path.name.replace("_raw.json", "_generations.jsonl"))
+                     .read_text().splitlines()]
+        args.seeds = [r["seed"] for r in raw]
+    for seed in [] if args.merge else args.seeds:  # the held-out fold of a seed is its number: disjoint prompts
+        raw.append(run_seed(args, seed, seed, adapter, judge, sink))
+        if args.out:  # after every seed, so that an interrupted run keeps what it measured
+            write_raw(args.out, raw, sink)
     results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "aligned_adapter": Path(adapter).parent.name, **summarise(args, raw, judge_stats),
-               "held_out_harmful_prompts": args.num_eval * len(args.seeds), "wall_s": round(time.perf_counter() - start, 1)}
+               "held_out_harmful_prompts": args.num_eval * len(args.seeds)}
+    results["wall_s"] = sum(r["wall_s"] for r in raw) if args.merge else round(time.perf_counter() - start, 1)
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-        args.out.with_name(args.out.stem + "_raw.json").write_text(json.dumps(raw, indent=1) + "\n")
-        args.out.with_name(args.out.stem + "_generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in sink))
+
+
+def write_raw(out: Path, raw: list[dict], sink: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.stem + "_raw.json").write_text(json.dumps(raw, indent=1) + "\n")
+    out.with_name(out.stem + "_generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in sink))
 
 
 if __name__ == "__main__":
