@@ -185,8 +185,10 @@ def scheduler(args: argparse.Namespace, reference: float = 0.0) -> BayesianDataS
                                  betas=(0.9, 0.95), grad_clip=10.0, reference_weight=reference)
 
 
-def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge: ResponseJudge, sink: list) -> dict:
-    """Every row at every ratio for one seed; returns ``{ratio: {row: metrics}}`` plus step times."""
+def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge: ResponseJudge, sink: list,
+             saved=lambda partial: None) -> dict:
+    """Every row at every ratio for one seed; returns ``{ratio: {row: metrics}}`` plus step times.
+    ``saved(partial)`` is called after every row with what is measured so far."""
     out: dict = {"seed": seed, "steps": {"mix": [], "bds": [], "bds_ref": []}}
     start = time.perf_counter()
     tag = {"seed": seed, "ratio": 0.0}
@@ -198,6 +200,7 @@ def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge
     fit(clean, dm0, args.epochs, [])
     shared["clean"] = score(answers(clean, dm0), judge, {**tag, "row": "clean"}, sink)
     print(f"seed {seed}: {shared}", flush=True)
+    saved({**out, "partial": dict(shared)})
     for ratio in args.ratios:
         tag = {"seed": seed, "ratio": ratio}
         dm = data(args, ratio, seed, fold)
@@ -224,6 +227,7 @@ def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge
                                 weight_mean_harmful_applied=applied["weight_mean_harmful"],
                                 weight_mean_benign_applied=applied["weight_mean_benign"])
             print(f"seed {seed} p={ratio} {row}: {res[row]}", flush=True)
+            saved({**out, "partial": {str(ratio): res}})
         out[str(ratio)] = res
     out["wall_s"] = round(time.perf_counter() - start, 1)
     return out
@@ -320,8 +324,10 @@ def main() -> None:
                      .read_text().splitlines()]
         args.seeds = [r["seed"] for r in raw]
     for seed in [] if args.merge else args.seeds:  # the held-out fold of a seed is its number: disjoint prompts
-        raw.append(run_seed(args, seed, seed, adapter, judge, sink))
-        if args.out:  # after every seed, so that an interrupted run keeps what it measured
+        # written after every row, so that an interrupted run keeps what it measured
+        keep = (lambda partial: write_raw(args.out, raw + [partial], sink)) if args.out else (lambda partial: None)
+        raw.append(run_seed(args, seed, seed, adapter, judge, sink, keep))
+        if args.out:
             write_raw(args.out, raw, sink)
     results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "aligned_adapter": Path(adapter).parent.name, **summarise(args, raw, judge_stats),
