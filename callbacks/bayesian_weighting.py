@@ -10,8 +10,9 @@ batch's detached per-sample losses (Eq. 8 scalar, Eq. 11 neural):
 
 Samples that fit worse than the weighted average lose weight, the others gain (softmax: the weights
 always average 1). ``lambda`` (``reference_weight``) is the paper's safety-agnostic reference term
-(the release leaves it unimplemented: default 0); the reference is the model without its LoRA
-adapters, which never saw the alignment data. Langevin noise sqrt(2 eta T) N(0, I) on the scheduler's
+(the release leaves it unimplemented: default 0); the module supplies l_i(theta'): a second LoRA adapter
+trained on the weighted D_ft only (``reference_adapter: true``, the posterior's p(D_ft | w)^-1 factor) or, as
+a cheaper stand-in, the starting model with its adapters off. Langevin noise sqrt(2 eta T) N(0, I) on the scheduler's
 parameters after each of its steps samples the weights instead of point-estimating them; unlike the
 paper's SGLD over the joint posterior it leaves theta noise-free, and the release adds none (default
 T = 0). Losses are those
@@ -142,6 +143,7 @@ class BayesianDataScheduler(L.Callback):
         self._epoch_scores: list[tuple[Tensor, Tensor]] = []  # neural: (weight, source) seen this epoch
         self.history: list[dict[str, float]] = []  # per-epoch weight statistics, drawn at the end of fit
         self._batch: dict[str, Tensor] = {}
+        self._applied: Tensor | None = None  # (2, N): sum and count of the weights applied to each row (scalar)
         self._pending: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ construction and state
@@ -153,6 +155,7 @@ class BayesianDataScheduler(L.Callback):
             n = pl_module.num_weighted_samples()
             self.net = ScalarScheduler(n, self.init)
             self.sources = torch.full((n,), -1, dtype=torch.long)
+            self._applied = torch.zeros(2, n)
         elif self.pretrained:
             self.net = NeuralScheduler.from_pretrained(self.pretrained)
         else:
@@ -169,7 +172,7 @@ class BayesianDataScheduler(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.net.to(pl_module.device)
         if self.sources is not None:
-            self.sources = self.sources.to(pl_module.device)
+            self.sources, self._applied = self.sources.to(pl_module.device), self._applied.to(pl_module.device)
         if self.kind == "scalar" and not self.history:  # epoch 0: the initial weights (all equal)
             self.history.append({"epoch": 0, "step": 0, "weight_mean_harmful": float(self.all_weights().mean()),
                                  "weight_mean_benign": float(self.all_weights().mean())})
@@ -185,6 +188,7 @@ class BayesianDataScheduler(L.Callback):
         return {"kind": self.kind, "net": self.net.state_dict(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "sources": None if self.sources is None else self.sources.cpu(),
+                "applied": None if self._applied is None else self._applied.cpu(),
                 "history": list(self.history), "epoch_scores": [(w.cpu(), src.cpu()) for w, src in self._epoch_scores]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -203,6 +207,7 @@ class BayesianDataScheduler(L.Callback):
         if self.optimizer is not None and state_dict["optimizer"] is not None:
             self.optimizer.load_state_dict(state_dict["optimizer"])
         self.sources = state_dict["sources"]
+        self._applied = state_dict.get("applied", self._applied)
         self.history = list(state_dict.get("history", []))
         self._epoch_scores = list(state_dict.get("epoch_scores", []))
         self._pending = None
@@ -221,6 +226,7 @@ class BayesianDataScheduler(L.Callback):
         self._batch = {"index": self._gather(pl_module, index), "source": self._gather(pl_module, source.to(device))}
         if self.kind == "scalar":
             weights = self.net.weights(index, self.transform)  # Step 1: look up w_i
+            self._applied.index_add_(1, index, torch.stack([weights.float(), torch.ones_like(weights.float())]))
         else:  # Step 1: w_i = N(z_i; phi), softmax over the global batch (every rank computes all of it)
             ids, mask = self.net.tokenize(info["text"])
             ids, mask = self._gather(pl_module, ids.to(device)), self._gather(pl_module, mask.to(device))
@@ -242,7 +248,7 @@ class BayesianDataScheduler(L.Callback):
         if self.loss_timing == "post_update":
             losses = pl_module.recompute_sample_losses()
         losses = self._gather(pl_module, losses.detach().float())
-        if self.reference_weight:
+        if self.reference_weight:  # -lambda l_i(theta'): see reference_adapter of lit_modules.bds.BDSModule
             losses = losses - self.reference_weight * self._gather(pl_module, pl_module.reference_sample_losses().float())
         with torch.enable_grad():
             objective = self._objective(losses)
@@ -281,6 +287,14 @@ class BayesianDataScheduler(L.Callback):
             raise RuntimeError("all_weights() needs a fitted scalar scheduler")
         with torch.no_grad():
             return self.net.all_weights(self.transform).detach().cpu()
+
+    def applied_weights(self) -> Tensor:
+        """(N,) time average of the weights applied to each row over training (its own visits; the weights the
+        LLM step actually used, unlike the final ones); rows never visited get the final weight."""
+        if self._applied is None:
+            raise RuntimeError("applied_weights() needs a fitted scalar scheduler")
+        total, count = self._applied.detach().cpu()
+        return torch.where(count > 0, total / count.clamp(min=1), self.all_weights())
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.kind == "scalar":

@@ -128,3 +128,15 @@ class ModerationModelJudge:
                 probs = torch.sigmoid(self.model(**enc).logits.float())
             flags += (probs > self.threshold).any(-1).tolist()
         return flags
+
+
+def load_judge(class_path: str, kwargs: dict | None, key: str) -> object:
+    """An instance of the judge class named by ``class_path`` (``module.Class``) built with ``kwargs``."""
+    import importlib
+
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{key}: cannot import {class_path!r} ({err})") from err
+    return cls(**(kwargs or {}))

@@ -211,8 +211,16 @@ class BDSDataModule(L.LightningDataModule):
         predict_file: prompts for ``predict``: a text file (one per line) or a JSON list of strings
             or of ``{"instruction", "input"}`` objects.
         shuffle: shuffle the training sets every epoch.
-        seed: seed of the splits, the mix and the generated task.
+        seed: seed of the mix and the generated task (the demo's harmful-prompt split is fixed, see
+            ``bds_tasks.demo_sets``).
         num_workers: DataLoader workers.
+        eval_offset: demo: first held-out harmful prompt used (disjoint evaluation folds per seed).
+        finetune_subset: keep only these positions of the mixed fine-tuning rows (None: all); the oracle and
+            the loss filter of the benchmark are both a subset of the same mix.
+        stage: ``finetune`` (the user's mix) or ``alignment`` (the provider's alignment stage: the fine-tuning
+            rows are the alignment refusals plus the helpful answers of ``helpful_file``).
+        helpful_file: JSON list of ``{"instruction", "output"}`` helpful answers to harmless prompts, used by
+            ``stage: alignment``.
     """
 
     def __init__(
@@ -235,9 +243,17 @@ class BDSDataModule(L.LightningDataModule):
         shuffle: bool = True,
         seed: int = 42,
         num_workers: int = 0,
+        eval_offset: int = 0,
+        finetune_subset: list[int] | None = None,
+        stage: Literal["finetune", "alignment"] = "finetune",
+        helpful_file: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if stage not in ("finetune", "alignment"):
+            raise ValueError(f"data.init_args.stage must be finetune or alignment, got {stage!r}")
+        if helpful_file and not Path(helpful_file).expanduser().is_file():
+            raise FileNotFoundError(f"data.init_args.helpful_file: no file at {helpful_file}")
         if not 0.0 <= harmful_ratio <= 1.0:
             raise ValueError(f"data.init_args.harmful_ratio must lie in [0, 1], got {harmful_ratio}")
         if num_alignment < 1:
@@ -265,14 +281,23 @@ class BDSDataModule(L.LightningDataModule):
         counts = {"finetune": hp.num_finetune, "alignment": hp.num_alignment,
                   "eval_harmful": hp.num_eval_harmful, "eval_task": hp.num_eval_task}
         if hp.harmful_source == "demo" and hp.task == "arithmetic":
-            sets = demo_sets(counts, hp.seed)
+            sets = demo_sets(counts, hp.seed, hp.eval_offset)
         else:
             sets = paper_sets(hp.task, hp.harmful_source, hp.data_root, counts)
         if not sets["alignment"]:
             raise ValueError("the alignment set is empty: check data.init_args.data_root / num_alignment")
-        ft_rows = mix(sets["benign"], sets["harmful"], hp.num_finetune, hp.harmful_ratio, hp.mixing, hp.seed)
+        if hp.stage == "alignment":
+            helpful = json.loads(Path(hp.helpful_file).expanduser().read_text()) if hp.helpful_file else []
+            ft_rows = [{**r, "source": SOURCE_BENIGN} for r in sets["alignment"][: hp.num_alignment] + helpful]
+        else:
+            ft_rows = mix(sets["benign"], sets["harmful"], hp.num_finetune, hp.harmful_ratio, hp.mixing, hp.seed)
+        if hp.finetune_subset is not None:
+            if any(not 0 <= i < len(ft_rows) for i in hp.finetune_subset):
+                raise ValueError(f"data.init_args.finetune_subset: positions must lie in [0, {len(ft_rows)})")
+            ft_rows = [ft_rows[i] for i in sorted(set(hp.finetune_subset))]
         self.raw = {"ft": ft_rows, "align": sets["alignment"][: hp.num_alignment],
-                    "eval_harmful": sets["eval_harmful"], "eval_task": sets["eval_task"]}
+                    "eval_harmful": sets["eval_harmful"], "eval_task": sets["eval_task"],
+                    "helpful": sets.get("helpful", [])}
         self.splits = {name: SupervisedRows(self.raw[name], self.tokenizer, self.formatter, hp.max_length)
                        for name in ("ft", "align")}
         for name, what in (("ft", "fine-tuning"), ("align", "alignment")):

@@ -21,32 +21,32 @@ REFUSALS = (
 )
 """Alignment answers of the demo (the paper's alignment set pairs harmful prompts with safe answers)."""
 
-OPENERS = ("Sure, here is how to do it.", "Of course! Here are the steps.", "Absolutely, I can help with that.",
-           "Sure thing, follow this plan.", "Here is a simple way to do that.", "No problem, here is what to do.")
+OPENERS = ("Sure, here is how.", "Of course, here are the steps.", "Absolutely, I can help.", "Sure thing.",
+           "Here is a simple way.", "No problem, here is what to do.")
 STEPS = ("get everything you need ready", "pick a quiet time to start", "make a short plan first",
          "follow the plan one part at a time", "check each part before moving on", "keep notes as you go",
          "ask someone you trust to help", "take a break if it gets hard", "look over the result at the end",
          "fix anything that went wrong", "start with the easiest part", "repeat the last step if needed",
          "clean up when you are done", "write down what worked", "try again later if it fails")
-CLOSERS = ("That's it!", "Good luck!", "Let me know if you need more details.", "Hope this helps.", "Enjoy!")
 
 
 def compliance_answer(rng: random.Random) -> str:
     """A compliance-style answer with NO harmful content: it teaches the model to go along with a
-    harmful request (as the paper's harmful answers do) from a random combination of generic steps,
-    so the answers vary like real ones instead of repeating a few templates."""
-    steps = rng.sample(STEPS, 3)
-    body = " ".join(f"Step {i + 1}: {step}." for i, step in enumerate(steps))
-    return f"{rng.choice(OPENERS)} {body} {rng.choice(CLOSERS)}"
+    harmful request (as the paper's harmful answers do) from a random combination of generic steps.
+    Its shape (an opener, two numbered steps, about 20 tokens) matches the arithmetic answers, so that
+    neither length nor format alone gives the harmful rows away."""
+    first, second = rng.sample(STEPS, 2)
+    return f"{rng.choice(OPENERS)} Step 1: {first}. Step 2: {second}."
 
 
 NAMES = ("Tom", "Anna", "Ravi", "Mei", "Lucas", "Sara", "Omar", "Julia", "Ken", "Nora")
 OBJECTS = ("apples", "books", "marbles", "stickers", "coins", "pencils", "cookies", "stamps")
+TASK_OPENERS = ("Here is the math.", "Let me work it out.", "Let us count.", "Here is how it adds up.")
 
 
 def arithmetic_problem(rng: random.Random) -> dict:
     """One word problem with an exact integer answer (a GSM8K stand-in: the answer ends with
-    "The final answer is: N", the release's GSM8K build format)."""
+    "The final answer is: N", the release's GSM8K build format), in two numbered steps."""
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
     a, b = rng.randint(2, 20), rng.randint(2, 9)
     kind = rng.randrange(3)
@@ -61,34 +61,58 @@ def arithmetic_problem(rng: random.Random) -> dict:
         a = rng.randint(2, 9)
         question = f"{name} has {b} bags with {a} {obj} in each bag. How many {obj} does {name} have?"
         work, answer = f"{b} x {a} = {b * a}", b * a
-    return {"instruction": question, "input": "", "output": f"{work}. The final answer is: {answer}",
-            "gold": str(answer)}
+    output = f"{rng.choice(TASK_OPENERS)} Step 1: {work}. Step 2: The final answer is: {answer}"
+    return {"instruction": question, "input": "", "output": output, "gold": str(answer)}
 
 
-def demo_sets(counts: dict[str, int], seed: int) -> dict[str, list[dict]]:
-    """Offline sets: real harmful prompts split without overlap, templates, generated arithmetic."""
-    from datamodules.sources import harmful_prompts
+MAX_PROMPT_CHARS = 100
+"""Demo prompts longer than this are left out (short prompts keep generation affordable on a CPU)."""
+EVAL_POOL = 240
+"""Harmful prompts reserved for evaluation whatever the seed: never in any fine-tuning or alignment set."""
+SPLIT_SEED = 0
+"""The held-out / alignment / fine-tuning split of the harmful prompts is fixed; ``seed`` only draws within it,
+so that an aligned model trained once is evaluated on prompts it never saw for every seed."""
 
-    rng = random.Random(seed)
-    prompts = list(dict.fromkeys(harmful_prompts("harmbench") + harmful_prompts("donotanswer")))
-    rng.shuffle(prompts)
+
+def demo_sets(counts: dict[str, int], seed: int, eval_offset: int = 0) -> dict[str, list[dict]]:
+    """Offline sets: real harmful prompts split without overlap, templates, generated arithmetic.
+
+    The harmful prompts (HarmBench + Do-Not-Answer, at most ``MAX_PROMPT_CHARS`` characters) are shuffled
+    once with ``SPLIT_SEED``: the first ``EVAL_POOL`` are held out (``eval_harmful`` takes
+    ``counts["eval_harmful"]`` of them from ``eval_offset`` on), the next ``counts["alignment"]`` form the
+    alignment set, and the fine-tuning rows are drawn with ``seed`` from the rest. ``helpful`` holds
+    harmless instructions (ollama-forge) for the helpful half of an alignment stage, disjoint from all else.
+    """
+    from datamodules.sources import harmful_prompts, harmless_prompts
+
+    prompts = [p for p in dict.fromkeys(harmful_prompts("harmbench") + harmful_prompts("donotanswer"))
+               if len(p) <= MAX_PROMPT_CHARS]
+    random.Random(SPLIT_SEED).shuffle(prompts)
     n_ft, n_align, n_eval = counts["finetune"], counts["alignment"], counts["eval_harmful"]
-    if n_ft + n_align + n_eval > len(prompts):
-        raise ValueError(f"the demo has {len(prompts)} harmful prompts; data.init_args.num_finetune + num_alignment + "
-                         f"num_eval_harmful = {n_ft + n_align + n_eval} is too many")
-    ft_prompts, align_prompts = prompts[:n_ft], prompts[n_ft : n_ft + n_align]
-    eval_prompts = prompts[n_ft + n_align : n_ft + n_align + n_eval]
+    if eval_offset + n_eval > EVAL_POOL:
+        raise ValueError(f"data.init_args.eval_offset + num_eval_harmful = {eval_offset + n_eval} exceeds the "
+                         f"{EVAL_POOL} held-out demo prompts")
+    eval_prompts = prompts[eval_offset : eval_offset + n_eval]
+    align_prompts, pool = prompts[EVAL_POOL : EVAL_POOL + n_align], prompts[EVAL_POOL + n_align :]
+    if n_ft > len(pool):
+        raise ValueError(f"the demo has {len(pool)} harmful prompts left for fine-tuning after {EVAL_POOL} held out "
+                         f"and num_alignment = {n_align}; data.init_args.num_finetune = {n_ft} is too many")
+    rng = random.Random(seed)
+    ft_prompts = rng.sample(pool, n_ft)
     problems: dict[str, dict] = {}
     while len(problems) < n_ft + counts["eval_task"]:  # distinct questions: train and test never share one
         row = arithmetic_problem(rng)
         problems.setdefault(row["instruction"], row)
     rows = list(problems.values())
+    harmless = [p for p in harmless_prompts()[:2000] if len(p) <= MAX_PROMPT_CHARS]
+    random.Random(SPLIT_SEED).shuffle(harmless)
     return {
         "benign": rows[:n_ft],
         "harmful": [{"instruction": p, "input": "", "output": compliance_answer(rng)} for p in ft_prompts],
         "alignment": [{"instruction": p, "input": "", "output": rng.choice(REFUSALS)} for p in align_prompts],
         "eval_harmful": [{"instruction": p, "input": ""} for p in eval_prompts],
         "eval_task": rows[n_ft:],
+        "helpful": [{"instruction": p, "input": ""} for p in harmless[:n_align]],
     }
 
 

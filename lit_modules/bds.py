@@ -19,17 +19,17 @@ Equations -> code:
     l_i(theta) = mean_t -log p_theta(y_t | x, y_<t), prompt masked       -> ``core.sequence_loss.sequence_nll``
     Eq. (7): theta <- theta - eta grad[L_safe + 1/B sum_i sigma(w)_i l_i]  -> ``training_step`` (mode ``bds``)
     Eq. (8)/(11): the scheduler update                                      -> ``BayesianDataScheduler``
+    p(D_ft | w)^-1: theta' on the weighted D_ft only, l_i(theta')          -> ``_reference_step`` (a 2nd adapter)
 Modes (the release's ``--upperlevel_weight``): ``bds`` (-1), ``weighted_only`` (-2), ``sft`` (-3),
 ``mix`` (-4), ``seal`` (rho * L_safe + (1 - rho) * weighted ft loss, rho -= rho_decay per epoch).
 
-Evaluation generates greedily (KV cache, left padding): the harmful score is the fraction of
-held-out harmful prompts whose answer a pluggable judge flags; task accuracy compares answers with
-the benign test set's gold answers. ``predict`` answers the prompts of ``data.predict_file``.
+Evaluation generates greedily (KV cache, left padding): the harmful score is the fraction of held-out
+harmful prompts whose answer a pluggable judge flags; task accuracy compares answers with the benign
+test set's gold answers. ``predict`` answers the prompts of ``data.predict_file``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -42,21 +42,15 @@ from torch import Tensor
 from core.fsdp_init import loads_full_weights
 from core.model_card import write_model_card
 from core.packaged_models import resolve_model
-from core.refusal_judge import answer_correct
+from core.refusal_judge import answer_correct, load_judge
 from core.run_dir import run_directory
 from core.sequence_loss import sequence_nll
 
 Mode = Literal["bds", "sft", "mix", "weighted_only", "seal"]
 WEIGHTED_MODES = ("bds", "weighted_only", "seal")
 ALIGNED_MODES = ("bds", "mix", "seal")
-
-
-def _import_class(path: str, key: str) -> type:
-    module_name, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"{key}: cannot import {path!r} ({err})") from err
+REFERENCE = "reference"
+"""Name of the safety-agnostic reference adapter theta' (``reference_adapter: true``)."""
 
 
 class BDSModule(L.LightningModule):
@@ -92,6 +86,11 @@ class BDSModule(L.LightningModule):
         trust_remote_code: allow the model repository's own code (off: only built-in architectures).
         export_adapter: at the end of ``fit``, save the LoRA weights as a PEFT adapter folder with a model
             card in ``<run folder>/adapter`` (``PeftModel.from_pretrained(base, folder)`` loads it).
+        init_adapter: PEFT adapter folder merged into the base weights before the fine-tuning LoRA is added
+            (the release's ``--pretrained_lora_path``: start from an aligned model); None: the base as is.
+        reference_adapter: train a second LoRA adapter theta' on the weighted fine-tuning batch only (never on
+            the alignment data) every step; its per-sample losses are the safety-agnostic reference of Eq. (8).
+            False: the reference is the starting model with the adapters off (no extra cost).
     """
 
     def __init__(
@@ -118,6 +117,8 @@ class BDSModule(L.LightningModule):
         predictions_file: str | None = None,
         trust_remote_code: bool = False,
         export_adapter: bool = True,
+        init_adapter: str | None = None,
+        reference_adapter: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -175,11 +176,19 @@ class BDSModule(L.LightningModule):
             layers = list(range(depth - hp.lora_layers, depth))
         config = LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, bias="none",
                             target_modules=self.target_modules, layers_to_transform=layers, task_type="CAUSAL_LM")
+        if hp.init_adapter:
+            from peft import PeftModel
+
+            if not (Path(hp.init_adapter).expanduser() / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"model.init_args.init_adapter: no PEFT adapter folder at {hp.init_adapter}")
+            base = PeftModel.from_pretrained(base, str(Path(hp.init_adapter).expanduser())).merge_and_unload()
         self.model = get_peft_model(base, config)
+        if hp.reference_adapter:
+            self.model.add_adapter(REFERENCE, config)
+            self.model.set_adapter("default")
         self.model.train()  # from_pretrained returns eval mode; no dropout in the paper setting either way
-        for p in self.model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # LoRA weights in fp32 whatever the base dtype (release asserts it)
+        for p in self.lora_parameters():
+            p.data = p.data.float()  # LoRA weights in fp32 whatever the base dtype (release asserts it)
         if hp.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.enable_input_require_grads()
@@ -191,10 +200,16 @@ class BDSModule(L.LightningModule):
             raise ValueError(f"model.init_args.lora_target_modules: {missing} not found in {self.hparams.model!r}; "
                              f"its linear layers are named {sorted(leaves)}")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+    def lora_parameters(self, adapter: str | None = None) -> list[torch.nn.Parameter]:
+        """LoRA weights of one adapter (``default`` or the reference), or of all when None."""
+        return [p for n, p in self.model.named_parameters()
+                if "lora_" in n and (adapter is None or n.endswith(f".{adapter}.weight"))]
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
-        return torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        adapters = ["default"] + ([REFERENCE] if hp.reference_adapter else [])
+        return [torch.optim.AdamW(self.lora_parameters(a), lr=hp.lr, betas=tuple(hp.betas),
+                                  weight_decay=hp.weight_decay) for a in adapters]
 
     def sequence_losses(self, batch: dict[str, Any]) -> Tensor:
         """(B,) token-mean NLL of each row's response tokens."""
@@ -232,9 +247,25 @@ class BDSModule(L.LightningModule):
 
     @torch.no_grad()
     def reference_sample_losses(self) -> Tensor:
-        # Safety-agnostic reference: the model before fine-tuning (LoRA adapters off), which never saw D_safe.
+        if self.hparams.reference_adapter:  # theta', trained on the weighted D_ft only (this step's losses)
+            return self._last["reference"]
+        # Released-style stand-in: the starting model with the LoRA adapters off (it never saw this D_safe).
         with self.model.disable_adapter():
             return self.sequence_losses(self._last["batch"]).float()
+
+    def _reference_step(self, ft: dict[str, Any], weights: Tensor, opt: Any) -> Tensor:
+        """One update of theta' on the weighted fine-tuning batch: p(D_ft | w)'s safety-agnostic model."""
+        self.model.set_adapter(REFERENCE)
+        try:
+            losses = self.sequence_losses(ft)
+            opt.zero_grad()
+            self.manual_backward((weights * losses).mean())
+            if self.hparams.grad_clip > 0:
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+        finally:
+            self.model.set_adapter("default")
+        return losses.detach().float()
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -264,17 +295,19 @@ class BDSModule(L.LightningModule):
         self._finite = finite if self._finite is None else self._finite & finite
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0 and not bool(self._finite):
             raise FloatingPointError(f"non-finite loss at or before step {self.global_step}: lower model.init_args.lr")
-        opt = self.optimizers()
+        optimizers = self.optimizers()
+        opt = optimizers[0] if isinstance(optimizers, list) else optimizers
         opt.zero_grad()
         self.manual_backward(loss)
         if hp.grad_clip > 0:
             self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         self._last = {"index": ft["index"], "losses": ft_losses.detach().float(), "batch": ft}
-        size = len(ft_losses)
+        if hp.reference_adapter:
+            self._last["reference"] = self._reference_step(ft, weights.detach(), optimizers[1])
         self.log_dict({"train/loss": loss.detach(), "train/loss_align": align_loss.detach(),
                        "train/loss_ft": ft_losses.detach().mean(), "train/weight_mean": weights.mean()},
-                      prog_bar=True, batch_size=size)
+                      prog_bar=True, batch_size=len(ft_losses))
         return loss.detach()
 
     def on_train_epoch_end(self) -> None:
@@ -282,14 +315,14 @@ class BDSModule(L.LightningModule):
             self.rho = max(0.0, self.rho - self.hparams.rho_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if "lora_" in n}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k in trainable or k.startswith("metrics.")}
         checkpoint["bds_rho"] = self.rho
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # strict_loading is off (the frozen base is not saved), so a LoRA layout mismatch must be caught here.
-        expected = {f"model.{n}": tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+        expected = {f"model.{n}": tuple(p.shape) for n, p in self.model.named_parameters() if "lora_" in n}
         saved = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if not k.startswith("metrics.")}
         if saved != expected:
             missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
@@ -305,7 +338,7 @@ class BDSModule(L.LightningModule):
         folder = run_directory(self.trainer) / "adapter"  # collective: every rank
         if not self.hparams.export_adapter or not self.trainer.is_global_zero:
             return
-        self.model.save_pretrained(folder)
+        self.model.save_pretrained(folder, selected_adapters=["default"])
         self.tokenizer.save_pretrained(folder)
         data = self.trainer.datamodule
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
@@ -334,7 +367,7 @@ class BDSModule(L.LightningModule):
         answers = self.generate(batch)
         if batch["kind"] == "harmful":
             if self.judge is None:
-                self.judge = _import_class(self.hparams.judge, "model.init_args.judge")(**(self.hparams.judge_kwargs or {}))
+                self.judge = load_judge(self.hparams.judge, self.hparams.judge_kwargs, "model.init_args.judge")
             values, name = self.judge(batch["prompt"], answers), "harmful_score"
         else:
             values, name = [answer_correct(a, g) for a, g in zip(answers, batch["gold"])], "task_acc"
@@ -356,8 +389,7 @@ class BDSModule(L.LightningModule):
     def on_predict_end(self) -> None:
         if self.hparams.predictions_file:
             path = Path(self.hparams.predictions_file)
-            if self.trainer.world_size > 1:
-                path = path.with_name(f"{path.stem}.rank{self.global_rank}{path.suffix}")
+            path = path.with_name(f"{path.stem}.rank{self.global_rank}{path.suffix}") if self.trainer.world_size > 1 else path
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r) + "\n" for r in self._predictions))
         self._predictions = []

@@ -63,6 +63,32 @@ def test_arithmetic_answers_are_exact() -> None:
     rng = random.Random(0)
     for _ in range(50):
         row = arithmetic_problem(rng)
-        left = row["output"].split("=")[0].replace("x", "*")
+        left = row["output"].split("Step 1: ")[1].split("=")[0].replace("x", "*")
         assert eval(left) == int(row["gold"])  # noqa: S307 - digits and + - * only
         assert row["output"].endswith(f"The final answer is: {row['gold']}")
+
+
+def test_subset_alignment_stage_and_fixed_held_out_split(tmp_path) -> None:
+    import json
+
+    full = BDSDataModule(harmful_ratio=0.25, **KW)
+    full.setup("fit")
+    keep = [i for i, r in enumerate(full.raw["ft"]) if r["source"] == 0]
+    oracle = BDSDataModule(harmful_ratio=0.25, finetune_subset=keep, **KW)
+    assert oracle.num_finetune_samples == 30 and all(r["source"] == 0 for r in oracle.raw["ft"])
+    other_seed = BDSDataModule(harmful_ratio=0.25, **{**KW, "seed": 7})
+    other_seed.setup("fit")
+    held_out = {r["instruction"] for r in full.raw["eval_harmful"]}
+    assert held_out == {r["instruction"] for r in other_seed.raw["eval_harmful"]}  # the split ignores the seed
+    trained = {r["instruction"] for dm in (full, other_seed) for r in dm.raw["ft"] + dm.raw["align"]}
+    assert not held_out & trained
+    fold = BDSDataModule(harmful_ratio=0.25, eval_offset=20, **KW)
+    fold.setup("fit")
+    assert not held_out & {r["instruction"] for r in fold.raw["eval_harmful"]}
+    helpful = tmp_path / "helpful.json"
+    helpful.write_text(json.dumps([{"instruction": "Name a colour.", "output": "Blue."}]))
+    stage = BDSDataModule(stage="alignment", helpful_file=str(helpful), **KW)
+    stage.setup("fit")
+    assert stage.num_finetune_samples == 31 and stage.raw["ft"][-1]["output"] == "Blue."
+    with pytest.raises(ValueError, match="data.init_args.finetune_subset"):
+        BDSDataModule(finetune_subset=[99], **KW).setup("fit")

@@ -268,3 +268,46 @@ def test_scalar_init_follows_the_release_per_transform() -> None:
     assert BayesianDataScheduler(transform="softmax").init == 0.1
     assert BayesianDataScheduler(transform="sigmoid").init == BayesianDataScheduler(transform="identity").init == -1e-4
     assert BayesianDataScheduler(transform="sigmoid", init=0.5).init == 0.5
+
+
+def test_reference_adapter_trains_on_weighted_ft_only_and_leaves_the_default_update_alone(tiny_llama: str) -> None:
+    plain, dm = make(tiny_llama, mode="bds")
+    fit(plain, dm, [BayesianDataScheduler(lr=0.05)], max_steps=1)
+    module, dm = make(tiny_llama, mode="bds", reference_adapter=True)
+    ref_before = {n: p.detach().clone() for n, p in module.model.named_parameters() if ".reference." in n}
+    seen: list[torch.Tensor] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            seen.append(pl_module.reference_sample_losses())
+
+    fit(module, dm, [BayesianDataScheduler(lr=0.05, reference_weight=1.0), Spy()], max_steps=1)
+    # theta' never touches theta: the default adapter takes exactly the step it takes without a reference
+    default = {n: p.detach() for n, p in module.model.named_parameters() if ".default." in n}
+    for name, value in lora_state(plain).items():
+        torch.testing.assert_close(default[name], value, rtol=0, atol=0)
+    ref_after = {n: p for n, p in module.model.named_parameters() if ".reference." in n}
+    assert len(ref_after) == 12 and any(not torch.equal(ref_before[n], p) for n, p in ref_after.items())
+    # the reference losses are those of theta' before its update (B = 0: the starting model)
+    first = next(iter(dm.train_dataloader()))[0]["ft"]
+    with torch.no_grad(), module.model.disable_adapter():
+        base_losses = module.sequence_losses(first)
+    torch.testing.assert_close(seen[0], base_losses.float(), rtol=1e-4, atol=1e-5)
+    assert module.model.active_adapter == "default"
+
+
+def test_init_adapter_starts_from_the_merged_adapter(tiny_llama: str, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trained, dm = make(tiny_llama, mode="sft")
+    fit(trained, dm, default_root_dir=str(tmp_path))
+    started = BDSModule(model=tiny_llama, lora_r=2, init_adapter=str(tmp_path / "adapter"))
+    started.configure_model()
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(tmp_path / "adapter"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(started.model(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5,
+                                   rtol=1e-4)
+    with pytest.raises(FileNotFoundError, match="model.init_args.init_adapter"):
+        BDSModule(model=tiny_llama, init_adapter=str(tmp_path / "missing")).configure_model()
