@@ -257,7 +257,7 @@ def aggregate(raws: list[dict]) -> dict:
         result[f"gap_closed_{v}"] = {m: statistics.fmean(
             (avg(r, f"acc_{v}", m) - avg(r, "acc_plain", m)) / (avg(r, "acc_experts") - avg(r, "acc_plain", m))
             for r in raws) for m in MERGES}
-    steps = sorted(raws[0]["curves"]["ta"]["surgery"])
+    steps = sorted(raws[0]["curves"]["ta"]["surgery"], key=int)
     result["curves"] = {m: {v: {str(s): statistics.fmean(r["curves"][m][v][s] for r in raws) for s in steps}
                             for v in VARIANTS} for m in MERGES}
     result["adamerging_entropy"] = {m: {w: stats([r["adamerging_entropy"][m][w] for r in raws]) for w in ("init", "end")}
@@ -322,34 +322,50 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="steps between curve points (50; quick 10)")
     parser.add_argument("--rank", type=int, default=16, help="rank of Surgery V1 and of every V2 module")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--from-raw", type=Path, nargs="+", default=None,
+                        help="aggregate the per-seed <out>_raw.json files of earlier runs (e.g. one seed per process, "
+                             "run after the cached stages exist) instead of running")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.steps = args.steps or (20 if args.quick else 150)
     args.adamerging_steps = args.adamerging_steps or (10 if args.quick else 100)
     args.eval_every = args.eval_every or (10 if args.quick else 50)
     args.work = args.work or REPO / ("runs/surgery/bench_quick" if args.quick else "runs/surgery/bench")
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    run_args = {"quick": args.quick, "surgery_steps": args.steps, "adamerging_steps": args.adamerging_steps,
+                "eval_every": args.eval_every, "rank": args.rank}
 
-    start = time.perf_counter()
-    theta0 = build_theta0(args.work, args.quick)
-    data = SurgeryDataModule(tasks=list(TASKS), stage="adapt", batch_size=16, seed=0)
-    data.setup()
-    experts = build_experts(args.work, theta0, 0, args.quick)
-    tuning = select_scaling(theta0, experts, data)
-    scaling = {name: t["chosen"] for name, t in tuning.items()}
-    raws = [run_seed(seed, theta0, experts, args, data, scaling) for seed in tqdm(seeds, desc="seeds")]
+    if args.from_raw:
+        raws = [raw for path in args.from_raw for raw in json.loads(path.read_text())]
+        for raw in raws:  # JSON keys are strings: the curves' steps back to int
+            raw["curves"] = {m: {v: {int(k): a for k, a in c.items()} for v, c in cs.items()} for m, cs in raw["curves"].items()}
+        if any(r["run"] != raws[0]["run"] or r["tuning"] != raws[0]["tuning"] for r in raws):
+            raise ValueError("--from-raw: the files come from runs with different settings or lambdas")
+        run_args, tuning, theta0_name = raws[0]["run"], raws[0]["tuning"], raws[0]["theta0"]
+    else:
+        seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3))))
+        start = time.perf_counter()
+        theta0 = build_theta0(args.work, args.quick)
+        data = SurgeryDataModule(tasks=list(TASKS), stage="adapt", batch_size=16, seed=0)
+        data.setup()
+        experts = build_experts(args.work, theta0, 0, args.quick)
+        tuning = select_scaling(theta0, experts, data)
+        scaling = {name: t["chosen"] for name, t in tuning.items()}
+        raws = [run_seed(seed, theta0, experts, args, data, scaling) for seed in tqdm(seeds, desc="seeds")]
+        theta0_name = theta0.parent.name
+        for raw in raws:
+            raw.update(run=run_args, tuning=tuning, theta0=theta0_name, wall_seconds=time.perf_counter() - start)
     result = aggregate(raws)
-    result["settings"] = {"quick": args.quick, "seeds": seeds, "surgery_steps": args.steps,
-                          "adamerging_steps": args.adamerging_steps, "eval_every": args.eval_every, "rank": args.rank,
-                          "rank_matched": raws[0]["rank_matched"], "batch_per_task": 16, "lr": 1e-3, "tasks": list(TASKS),
-                          "vit": VIT, "scaling_selected_on_val": tuning, "threads": torch.get_num_threads(), "theta0": theta0.parent.name,
+    result["settings"] = {**run_args, "seeds": [r["seed"] for r in raws], "rank_matched": raws[0]["rank_matched"],
+                          "batch_per_task": 16, "lr": 1e-3, "tasks": list(TASKS), "vit": VIT,
+                          "scaling_selected_on_val": tuning, "threads": torch.get_num_threads(), "theta0": theta0_name,
                           "protocol": "transductive: adapt on unlabelled test images and evaluate on them; "
                                       "lambda of TA/TIES chosen on held-out validation images, never on test",
                           "seeds_vary": "AdaMerging's batches and every surgery's W_down init and batches; theta_0, "
                                         "the experts and the data splits are shared by all seeds (as the papers share "
                                         "one CLIP and its released experts), so zero-shot, experts and plain WA/TA/TIES "
                                         "have std 0 by construction",
-                          "wall_seconds": time.perf_counter() - start}
+                          "wall_seconds_per_run": [r["wall_seconds"] for r in raws]}
     print(f"\nzero-shot {100 * result['acc_zero_shot']['mean']:.1f}  experts {100 * result['acc_experts']['mean']:.1f} "
           f"(train {100 * result['acc_experts_train']['mean']:.1f})")
     print(f"{'merge':17s} {'plain':>11s} {'surgery':>11s} {'matched':>11s} {'v2':>11s} {'gap v1':>6s} {'gap v2':>6s}")
