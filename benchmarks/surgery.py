@@ -52,13 +52,13 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import train  # noqa: E402
+from benchmarks.surgery_figures import draw  # noqa: E402
 from core.timm_models import export_weights  # noqa: E402
 from datamodules.surgery import SurgeryDataModule  # noqa: E402
 from datamodules.surgery_tasks import DEMO_EXPERT_TASKS  # noqa: E402
 from lit_modules.surgery import SurgeryModule  # noqa: E402
 from lit_modules.surgery_adamerging import AdaMergingModule  # noqa: E402
 from lit_modules.surgery_parts import entropy  # noqa: E402
-from lit_modules.surgery_report import plot_bias, plot_table  # noqa: E402
 
 CONFIGS = REPO / "configs" / "surgery"
 TASKS = DEMO_EXPERT_TASKS
@@ -185,6 +185,27 @@ def select_scaling(theta0: Path, experts: dict[str, str], data: SurgeryDataModul
     return out
 
 
+def regime(theta0: Path, experts: dict[str, str], data: SurgeryDataModule, scaling: dict[str, float]) -> dict:
+    """The regime check alone (``--regime-only``): theta_0 zero-shot, the experts and the plain WA/TA/TIES merges
+    on the test images (no seed enters: nothing here is trained)."""
+    files = task_files(theta0, experts)
+    zero_shot = SurgeryModule(**files, merge="task_arithmetic", scaling=0.0, version="v1")  # theta_0 exactly
+    report = zero_shot.representation_report(data.val_dataloader())
+    out = {"acc_experts_train": train_accuracy(zero_shot, data), "acc_zero_shot": per_task(report, "plain"),
+           "acc_experts": per_task(report, "expert"), "acc_plain": {}}
+    for name in ("wa", "ta", "ties"):
+        module = SurgeryModule(**files, merge=MERGES[name], **({"scaling": scaling[name]} if name in scaling else {}))
+        out["acc_plain"][name] = per_task(module.representation_report(data.val_dataloader()), "plain")
+    means = {k: mean(out[k]) for k in ("acc_experts_train", "acc_zero_shot", "acc_experts")}
+    means["acc_plain"] = {m: mean(v) for m, v in out["acc_plain"].items()}
+    margin = means["acc_plain"]["ta"] - means["acc_zero_shot"]
+    checks = {"regime_ta_beats_zero_shot_by_5_points": margin >= 0.05, "ta_minus_zero_shot": margin,
+              "every_plain_merge_beats_zero_shot": all(v > means["acc_zero_shot"] for v in means["acc_plain"].values()),
+              "experts_fit_train_95": min(out["acc_experts_train"].values()) >= 0.95,
+              "experts_min_train_acc": min(out["acc_experts_train"].values())}
+    return {**means, "checks": checks, "per_task": out}
+
+
 def run_seed(seed: int, theta0: Path, experts: dict[str, str], args: argparse.Namespace, data: SurgeryDataModule,
              scaling: dict[str, float]) -> dict:
     files = task_files(theta0, experts)
@@ -276,41 +297,6 @@ def aggregate(raws: list[dict]) -> dict:
     return result
 
 
-def draw(result: dict, raws: list[dict], stem: Path) -> list[str]:
-    """Curves (accuracy vs step per merge), per-layer bias (merged vs + V1 vs + V2, task arithmetic), the table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(MERGES), figsize=(3.2 * len(MERGES), 3), sharey=True)
-    for ax, m in zip(axes, MERGES):
-        for v in VARIANTS:
-            points = result["curves"][m][v]
-            ax.plot([int(s) for s in points], [100 * a for a in points.values()], marker="o", label=v)
-        ax.axhline(100 * result["acc_experts"]["mean"], ls="--", c="k", lw=0.8, label="experts")
-        ax.axhline(100 * result["acc_zero_shot"]["mean"], ls=":", c="gray", lw=0.8, label="zero-shot")
-        ax.set_title(m)
-        ax.set_xlabel("step")
-    axes[0].set_ylabel("mean test accuracy (%)")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    curves = stem.with_name(stem.name + "_curves.png")
-    fig.savefig(curves, dpi=110)
-    plt.close(fig)
-    bias = {label: [statistics.fmean(r["bias"]["ta"][key][i] for r in raws) for i in range(len(raws[0]["bias"]["ta"][key]))]
-            for label, key in (("merged (TA)", "plain"), ("+ Surgery V1", "surgery"), ("+ V1 matched", "surgery_matched"),
-                               ("+ SurgeryV2", "surgeryv2"))}
-    bias_png = plot_bias(bias, stem.with_name(stem.name + "_bias.png"), "representation bias per layer (task arithmetic)")
-    columns = {"plain": "acc_plain", "+ Surgery r16": "acc_surgery", "+ Surgery matched": "acc_surgery_matched",
-               "+ SurgeryV2 r16": "acc_surgeryv2"}
-    table = {m: {c: 100 * result[key][m]["mean"] for c, key in columns.items()} for m in MERGES}
-    table["zero-shot"] = {"plain": 100 * result["acc_zero_shot"]["mean"]}
-    table["experts"] = {"plain": 100 * result["acc_experts"]["mean"]}
-    table_png = plot_table(table, stem.with_name(stem.name + "_table.png"), f"mean test accuracy (%), {len(raws)} seeds")
-    return [str(p) for p in (curves, bias_png, table_png)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps and epochs: a smoke run")
@@ -323,6 +309,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="rank of Surgery V1 and of every V2 module")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--regime-only", action="store_true",
+                        help="only zero-shot, experts and plain WA/TA/TIES on test (lambda chosen on val): the regime check")
     parser.add_argument("--from-raw", type=Path, nargs="+", default=None,
                         help="aggregate the per-seed <out>_raw.json files of earlier runs (e.g. one seed per process, "
                              "run after the cached stages exist) instead of running")
@@ -351,6 +339,15 @@ def main() -> None:
         experts = build_experts(args.work, theta0, 0, args.quick)
         tuning = select_scaling(theta0, experts, data)
         scaling = {name: t["chosen"] for name, t in tuning.items()}
+        if args.regime_only:
+            result = {**regime(theta0, experts, data, scaling), "settings": {
+                "tasks": list(TASKS), "vit": VIT, "scaling_selected_on_val": tuning, "theta0": theta0.parent.name,
+                "experts": Path(next(iter(experts.values()))).parent.name, "wall_seconds": time.perf_counter() - start}}
+            print(json.dumps({k: v for k, v in result.items() if k != "per_task"}, indent=1))
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=1))
+            return
         raws = [run_seed(seed, theta0, experts, args, data, scaling) for seed in tqdm(seeds, desc="seeds")]
         theta0_name = theta0.parent.name
         for raw in raws:
@@ -377,7 +374,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         stem = args.out.with_suffix("")
-        result["figures"] = [Path(p).name for p in draw(result, raws, stem)]
+        result["figures"] = [Path(p).name for p in draw(result, raws, stem, list(MERGES), VARIANTS)]
         args.out.write_text(json.dumps(result, indent=1))
         stem.with_name(stem.name + "_raw.json").write_text(json.dumps(raws, indent=1))
         print(f"wrote {args.out}, {stem.name}_raw.json and {', '.join(result['figures'])}")
