@@ -92,7 +92,9 @@ class ExpertModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.head != "zero_shot":
             return
-        names = getattr(self.trainer.datamodule, "class_names", None) or {}
+        datamodule = self.trainer.datamodule
+        names = getattr(datamodule, "class_names", None) or {}
+        names = {t: names[t] for t in getattr(datamodule, "tasks", names) if t in names}  # not head_tasks' names
         if len(names) != 1:
             raise ValueError(f"head: zero_shot needs a data module with the class names of exactly one task "
                              f"(data.init_args.tasks); got {sorted(names) or 'none'}")
