@@ -118,8 +118,9 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
 def nearest_orthonormal(rows: Tensor) -> Tensor:
     """The orthonormal rows nearest to ``rows`` (polar factor ``U V^T`` of ``U S V^T``)."""
     if rows.shape[0] > rows.shape[1]:
-        raise ValueError(f"model.init_args.head: orthogonal/joint needs at most as many classes as the representation "
-                         f"width {rows.shape[1]}, got {rows.shape[0]}; use head: prototype or a wider encoder output")
+        raise ValueError(f"model.init_args.head: orthogonal/joint needs num_classes <= the representation width "
+                         f"{rows.shape[1]}, got {rows.shape[0]} (all head_tasks together for joint); use head: "
+                         "prototype or a wider encoder output")
     u, _, vh = torch.linalg.svd(rows, full_matrices=False)
     return u @ vh
 
