@@ -58,7 +58,7 @@ demo-bds: $(STAMP)
 demo-surgery: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo_pretrain.yaml
 	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo_expert.yaml
-	for t in glyphs_b glyphs_c glyphs_d rotation digits; do \
+	for t in glyphs_b glyphs_c rotation digits; do \
 	  OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/surgery/demo_expert.yaml \
 	    --config configs/surgery/demo_expert_$$t.yaml || exit 1; done
 	OMP_NUM_THREADS=1 $(PY) train.py validate --config configs/surgery/demo.yaml

@@ -1,19 +1,23 @@
 """The Surgery/SurgeryV2 papers' table on the offline demo suite, in the papers' regime, over seeds.
 
 theta_0 is pre-trained broadly (100 classes: glyphs, MNIST digits, photo crops; ``demo_pretrain.yaml``),
-six experts are fine-tuned from it with frozen orthonormal class-mean heads (``demo_expert*.yaml``),
-and every merge - weight averaging, task arithmetic (0.3), TIES (20 %, dis-sum, 0.3), task-wise and
-layer-wise AdaMerging - is evaluated plain, with Surgery V1 (rank 16, faithful), with V1 at V2's
-parameter count (``rank_matched``) and with SurgeryV2 (rank 16), every variant trained for the same
-steps; the floor is theta_0 zero-shot, the ceiling the experts. Protocol: transductive, as in the
-papers (adapt on unlabelled test images, evaluate on them); no hyper-parameter is tuned here (the
-papers' values are used), so no validation split is needed.
+the experts are fine-tuned from it with frozen heads (``demo_expert*.yaml``): theta_0's class means of
+all merged tasks made orthonormal together (``head: joint``), the stand-in for CLIP's text heads. Every
+merge - weight averaging, task arithmetic, TIES (20 %, dis-sum), task-wise and layer-wise AdaMerging - is
+evaluated plain, with Surgery V1 (rank 16, faithful), with V1 at V2's parameter count (``rank_matched``)
+and with SurgeryV2 (rank 16), every variant trained for the same steps; the floor is theta_0 zero-shot,
+the ceiling the experts. Task arithmetic's and TIES's lambda is chosen from ``SCALINGS`` on held-out
+validation images (150 per task, taken out of the experts' training images; ``tuning_dataloader``),
+never on test. Surgery and AdaMerging then follow the papers: transductive (adapt on the unlabelled test
+images, evaluate on them), with the papers' hyper-parameters.
 
 Seeds: theta_0 and the experts are trained once and shared by all seeds, as the papers share one public
-CLIP and its released experts; each seed re-runs every merge and surgery (AdaMerging's batches,
-Surgery's W_down init and batches: the variance the authors report, +-0.5-1 point). The data splits
-are fixed (seed 0). Cached theta_0/experts live under ``--work`` in folders named by
-a hash of what produced them (config files, code, seed, quick); a change makes a new folder.
+CLIP and its released experts (and retraining them per seed would triple the run's longest stage, the
+experts'); so ``acc_zero_shot`` and ``acc_experts`` have std 0 by construction, and so do the plain
+WA/TA/TIES merges. Each seed re-runs AdaMerging (its batches) and every surgery (W_down init and batches):
+the variance the authors report, +-0.5-1 point. The data splits are fixed (seed 0). Cached
+theta_0/experts live under ``--work`` in folders named by a hash of what produced them (config files,
+code, seed, quick); a change makes a new folder.
 
     OMP_NUM_THREADS=1 python benchmarks/surgery.py --out benchmarks/results/surgery.json   # full, ~25 min
     OMP_NUM_THREADS=1 python benchmarks/surgery.py --quick --out /tmp/surgery_quick.json   # smoke run
@@ -48,13 +52,13 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import train  # noqa: E402
+from benchmarks.surgery_figures import draw  # noqa: E402
 from core.timm_models import export_weights  # noqa: E402
 from datamodules.surgery import SurgeryDataModule  # noqa: E402
 from datamodules.surgery_tasks import DEMO_EXPERT_TASKS  # noqa: E402
 from lit_modules.surgery import SurgeryModule  # noqa: E402
 from lit_modules.surgery_adamerging import AdaMergingModule  # noqa: E402
 from lit_modules.surgery_parts import entropy  # noqa: E402
-from lit_modules.surgery_report import plot_bias, plot_table  # noqa: E402
 
 CONFIGS = REPO / "configs" / "surgery"
 TASKS = DEMO_EXPERT_TASKS
@@ -62,6 +66,7 @@ VIT = {"img_size": 32, "patch_size": 8, "in_chans": 1, "num_classes": 48, "embed
 MERGES = {"wa": "weight_average", "ta": "task_arithmetic", "ties": "ties", "adamerging_task": "task",
           "adamerging_layer": "layer"}
 VARIANTS = ("surgery", "surgery_matched", "surgeryv2")
+SCALINGS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # lambda grid of task arithmetic / TIES
 # what theta_0 and the experts are made by: a change to any of these files gives a new cache folder
 SOURCES = ("lit_modules/surgery_expert.py", "lit_modules/surgery_parts.py", "datamodules/surgery.py",
            "datamodules/surgery_tasks.py", "datamodules/sources/glyphs.py", "datamodules/sources/glyph_classes.py",
@@ -107,7 +112,7 @@ def build_experts(work: Path, theta0: Path, seed: int, quick: bool) -> dict[str,
             overlay = [] if task == TASKS[0] else ["--config", str(CONFIGS / f"demo_expert_{task}.yaml")]
             train.cli_main(["fit", "--config", str(CONFIGS / "demo_expert.yaml"), *overlay, f"--seed_everything={seed}",
                             f"--model.init_args.checkpoint={theta0}", f"--model.init_args.export_path={folder / task}.safetensors",
-                            f"--trainer.default_root_dir={folder}", *QUIET, *steps])
+                            f"--trainer.default_root_dir={folder / task}", *QUIET, *steps])
 
     folder = cached_stage(work / f"experts-{key}", produce)
     return {t: str(folder / f"{t}.safetensors") for t in TASKS}
@@ -162,9 +167,48 @@ def matched_rank(module: SurgeryModule, rank: int) -> int:
     return round(sum(2 * w * rank for w in widths + [proj]) / (2 * proj))
 
 
-def run_seed(seed: int, theta0: Path, experts: dict[str, str], args: argparse.Namespace, data: SurgeryDataModule) -> dict:
-    files = {"model": "vit_tiny_patch16_224", "model_kwargs": VIT, "pretrained_checkpoint": str(theta0),
-             "experts": experts, "report": False}
+def task_files(theta0: Path, experts: dict[str, str]) -> dict:
+    return {"model": "vit_tiny_patch16_224", "model_kwargs": VIT, "pretrained_checkpoint": str(theta0),
+            "experts": experts, "report": False}
+
+
+def select_scaling(theta0: Path, experts: dict[str, str], data: SurgeryDataModule) -> dict[str, dict]:
+    """Task arithmetic's and TIES's lambda: the best mean accuracy of the plain merge on the held-out
+    validation images (``tuning_dataloader``, disjoint from test), as the task arithmetic paper does."""
+    out = {}
+    for name in ("ta", "ties"):
+        scores = {}
+        for scaling in SCALINGS:
+            module = SurgeryModule(**task_files(theta0, experts), merge=MERGES[name], scaling=scaling, version="v1")
+            scores[scaling] = mean(per_task(module.representation_report(data.tuning_dataloader()), "plain"))
+        out[name] = {"chosen": max(scores, key=scores.get), "val_acc": {str(k): v for k, v in scores.items()}}
+    return out
+
+
+def regime(theta0: Path, experts: dict[str, str], data: SurgeryDataModule, scaling: dict[str, float]) -> dict:
+    """The regime check alone (``--regime-only``): theta_0 zero-shot, the experts and the plain WA/TA/TIES merges
+    on the test images (no seed enters: nothing here is trained)."""
+    files = task_files(theta0, experts)
+    zero_shot = SurgeryModule(**files, merge="task_arithmetic", scaling=0.0, version="v1")  # theta_0 exactly
+    report = zero_shot.representation_report(data.val_dataloader())
+    out = {"acc_experts_train": train_accuracy(zero_shot, data), "acc_zero_shot": per_task(report, "plain"),
+           "acc_experts": per_task(report, "expert"), "acc_plain": {}}
+    for name in ("wa", "ta", "ties"):
+        module = SurgeryModule(**files, merge=MERGES[name], **({"scaling": scaling[name]} if name in scaling else {}))
+        out["acc_plain"][name] = per_task(module.representation_report(data.val_dataloader()), "plain")
+    means = {k: mean(out[k]) for k in ("acc_experts_train", "acc_zero_shot", "acc_experts")}
+    means["acc_plain"] = {m: mean(v) for m, v in out["acc_plain"].items()}
+    margin = means["acc_plain"]["ta"] - means["acc_zero_shot"]
+    checks = {"regime_ta_beats_zero_shot_by_5_points": margin >= 0.05, "ta_minus_zero_shot": margin,
+              "every_plain_merge_beats_zero_shot": all(v > means["acc_zero_shot"] for v in means["acc_plain"].values()),
+              "experts_fit_train_95": min(out["acc_experts_train"].values()) >= 0.95,
+              "experts_min_train_acc": min(out["acc_experts_train"].values())}
+    return {**means, "checks": checks, "per_task": out}
+
+
+def run_seed(seed: int, theta0: Path, experts: dict[str, str], args: argparse.Namespace, data: SurgeryDataModule,
+             scaling: dict[str, float]) -> dict:
+    files = task_files(theta0, experts)
     out: dict = {"seed": seed, "acc_plain": {}, "curves": {}, "seconds": {}, "bias": {}, "adamerging_entropy": {}}
     for v in VARIANTS:
         out[f"acc_{v}"] = {}
@@ -188,7 +232,7 @@ def run_seed(seed: int, theta0: Path, experts: dict[str, str], args: argparse.Na
             export_weights(ada.merged_encoder(), path)
             merge_args = {"merge": "checkpoint", "merged_checkpoint": str(path)}
         else:
-            merge_args = {"merge": merge}
+            merge_args = {"merge": merge, **({"scaling": scaling[name]} if name in scaling else {})}
         reports = {}
         for variant, version, rank in (("surgery", "v1", args.rank), ("surgery_matched", "v1", rank_matched),
                                        ("surgeryv2", "v2", args.rank)):
@@ -234,7 +278,7 @@ def aggregate(raws: list[dict]) -> dict:
         result[f"gap_closed_{v}"] = {m: statistics.fmean(
             (avg(r, f"acc_{v}", m) - avg(r, "acc_plain", m)) / (avg(r, "acc_experts") - avg(r, "acc_plain", m))
             for r in raws) for m in MERGES}
-    steps = sorted(raws[0]["curves"]["ta"]["surgery"])
+    steps = sorted(raws[0]["curves"]["ta"]["surgery"], key=int)
     result["curves"] = {m: {v: {str(s): statistics.fmean(r["curves"][m][v][s] for r in raws) for s in steps}
                             for v in VARIANTS} for m in MERGES}
     result["adamerging_entropy"] = {m: {w: stats([r["adamerging_entropy"][m][w] for r in raws]) for w in ("init", "end")}
@@ -253,41 +297,6 @@ def aggregate(raws: list[dict]) -> dict:
     return result
 
 
-def draw(result: dict, raws: list[dict], stem: Path) -> list[str]:
-    """Curves (accuracy vs step per merge), per-layer bias (merged vs + V1 vs + V2, task arithmetic), the table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(MERGES), figsize=(3.2 * len(MERGES), 3), sharey=True)
-    for ax, m in zip(axes, MERGES):
-        for v in VARIANTS:
-            points = result["curves"][m][v]
-            ax.plot([int(s) for s in points], [100 * a for a in points.values()], marker="o", label=v)
-        ax.axhline(100 * result["acc_experts"]["mean"], ls="--", c="k", lw=0.8, label="experts")
-        ax.axhline(100 * result["acc_zero_shot"]["mean"], ls=":", c="gray", lw=0.8, label="zero-shot")
-        ax.set_title(m)
-        ax.set_xlabel("step")
-    axes[0].set_ylabel("mean test accuracy (%)")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    curves = stem.with_name(stem.name + "_curves.png")
-    fig.savefig(curves, dpi=110)
-    plt.close(fig)
-    bias = {label: [statistics.fmean(r["bias"]["ta"][key][i] for r in raws) for i in range(len(raws[0]["bias"]["ta"][key]))]
-            for label, key in (("merged (TA)", "plain"), ("+ Surgery V1", "surgery"), ("+ V1 matched", "surgery_matched"),
-                               ("+ SurgeryV2", "surgeryv2"))}
-    bias_png = plot_bias(bias, stem.with_name(stem.name + "_bias.png"), "representation bias per layer (task arithmetic)")
-    columns = {"plain": "acc_plain", "+ Surgery r16": "acc_surgery", "+ Surgery matched": "acc_surgery_matched",
-               "+ SurgeryV2 r16": "acc_surgeryv2"}
-    table = {m: {c: 100 * result[key][m]["mean"] for c, key in columns.items()} for m in MERGES}
-    table["zero-shot"] = {"plain": 100 * result["acc_zero_shot"]["mean"]}
-    table["experts"] = {"plain": 100 * result["acc_experts"]["mean"]}
-    table_png = plot_table(table, stem.with_name(stem.name + "_table.png"), f"mean test accuracy (%), {len(raws)} seeds")
-    return [str(p) for p in (curves, bias_png, table_png)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps and epochs: a smoke run")
@@ -299,28 +308,61 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="steps between curve points (50; quick 10)")
     parser.add_argument("--rank", type=int, default=16, help="rank of Surgery V1 and of every V2 module")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--regime-only", action="store_true",
+                        help="only zero-shot, experts and plain WA/TA/TIES on test (lambda chosen on val): the regime check")
+    parser.add_argument("--from-raw", type=Path, nargs="+", default=None,
+                        help="aggregate the per-seed <out>_raw.json files of earlier runs (e.g. one seed per process, "
+                             "run after the cached stages exist) instead of running")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.steps = args.steps or (20 if args.quick else 150)
     args.adamerging_steps = args.adamerging_steps or (10 if args.quick else 100)
     args.eval_every = args.eval_every or (10 if args.quick else 50)
     args.work = args.work or REPO / ("runs/surgery/bench_quick" if args.quick else "runs/surgery/bench")
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    run_args = {"quick": args.quick, "surgery_steps": args.steps, "adamerging_steps": args.adamerging_steps,
+                "eval_every": args.eval_every, "rank": args.rank}
 
-    start = time.perf_counter()
-    theta0 = build_theta0(args.work, args.quick)
-    data = SurgeryDataModule(tasks=list(TASKS), stage="adapt", batch_size=16, seed=0)
-    data.setup()
-    experts = build_experts(args.work, theta0, 0, args.quick)
-    raws = [run_seed(seed, theta0, experts, args, data) for seed in tqdm(seeds, desc="seeds")]
+    if args.from_raw:
+        raws = [raw for path in args.from_raw for raw in json.loads(path.read_text())]
+        for raw in raws:  # JSON keys are strings: the curves' steps back to int
+            raw["curves"] = {m: {v: {int(k): a for k, a in c.items()} for v, c in cs.items()} for m, cs in raw["curves"].items()}
+        if any(r["run"] != raws[0]["run"] or r["tuning"] != raws[0]["tuning"] for r in raws):
+            raise ValueError("--from-raw: the files come from runs with different settings or lambdas")
+        run_args, tuning, theta0_name = raws[0]["run"], raws[0]["tuning"], raws[0]["theta0"]
+    else:
+        seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3))))
+        start = time.perf_counter()
+        theta0 = build_theta0(args.work, args.quick)
+        data = SurgeryDataModule(tasks=list(TASKS), stage="adapt", batch_size=16, seed=0)
+        data.setup()
+        experts = build_experts(args.work, theta0, 0, args.quick)
+        tuning = select_scaling(theta0, experts, data)
+        scaling = {name: t["chosen"] for name, t in tuning.items()}
+        if args.regime_only:
+            result = {**regime(theta0, experts, data, scaling), "settings": {
+                "tasks": list(TASKS), "vit": VIT, "scaling_selected_on_val": tuning, "theta0": theta0.parent.name,
+                "experts": Path(next(iter(experts.values()))).parent.name, "wall_seconds": time.perf_counter() - start}}
+            print(json.dumps({k: v for k, v in result.items() if k != "per_task"}, indent=1))
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(result, indent=1))
+            return
+        raws = [run_seed(seed, theta0, experts, args, data, scaling) for seed in tqdm(seeds, desc="seeds")]
+        theta0_name = theta0.parent.name
+        for raw in raws:
+            raw.update(run=run_args, tuning=tuning, theta0=theta0_name, wall_seconds=time.perf_counter() - start)
     result = aggregate(raws)
-    result["settings"] = {"quick": args.quick, "seeds": seeds, "surgery_steps": args.steps,
-                          "adamerging_steps": args.adamerging_steps, "eval_every": args.eval_every, "rank": args.rank,
-                          "rank_matched": raws[0]["rank_matched"], "batch_per_task": 16, "lr": 1e-3, "tasks": list(TASKS),
-                          "vit": VIT, "threads": torch.get_num_threads(), "theta0": theta0.parent.name,
+    result["settings"] = {**run_args, "seeds": [r["seed"] for r in raws], "rank_matched": raws[0]["rank_matched"],
+                          "batch_per_task": 16, "lr": 1e-3, "tasks": list(TASKS), "vit": VIT,
+                          "scaling_selected_on_val": tuning, "threads": torch.get_num_threads(), "theta0": theta0_name,
                           "protocol": "transductive: adapt on unlabelled test images and evaluate on them; "
-                                      "theta_0 and experts shared by all seeds, merges and surgery re-run per seed",
-                          "wall_seconds": time.perf_counter() - start}
+                                      "lambda of TA/TIES chosen on held-out validation images, never on test",
+                          "seeds_vary": "AdaMerging's batches and every surgery's W_down init and batches; theta_0, "
+                                        "the experts and the data splits are shared by all seeds (as the papers share "
+                                        "one CLIP and its released experts), so zero-shot, experts and plain WA/TA/TIES "
+                                        "have std 0 by construction",
+                          "wall_seconds_per_run": [r["wall_seconds"] for r in raws]}
     print(f"\nzero-shot {100 * result['acc_zero_shot']['mean']:.1f}  experts {100 * result['acc_experts']['mean']:.1f} "
           f"(train {100 * result['acc_experts_train']['mean']:.1f})")
     print(f"{'merge':17s} {'plain':>11s} {'surgery':>11s} {'matched':>11s} {'v2':>11s} {'gap v1':>6s} {'gap v2':>6s}")
@@ -332,7 +374,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         stem = args.out.with_suffix("")
-        result["figures"] = [Path(p).name for p in draw(result, raws, stem)]
+        result["figures"] = [Path(p).name for p in draw(result, raws, stem, list(MERGES), VARIANTS)]
         args.out.write_text(json.dumps(result, indent=1))
         stem.with_name(stem.name + "_raw.json").write_text(json.dumps(raws, indent=1))
         print(f"wrote {args.out}, {stem.name}_raw.json and {', '.join(result['figures'])}")

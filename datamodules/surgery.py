@@ -13,9 +13,9 @@ Every sample carries its task name (``task``) and its index in the split (``inde
 frozen-model feature caches).
 
 Demo tasks (offline, real data, gray 32x32; :mod:`datamodules.surgery_tasks`): ``broad`` pre-trains
-theta_0 (100 classes of glyphs, MNIST digits and photo crops); six expert tasks with labels theta_0
-never saw (``glyphs_a``-``glyphs_d``, ``rotation``, ``digits``). Paper tasks (SUN397, Cars, RESISC45,
-EuroSAT, SVHN, GTSRB, MNIST, DTD) are read from ``root/<Task>/{train,test}/<class>/*`` image folders with
+theta_0 (100 classes of glyphs, MNIST digits and photo crops); five expert tasks with labels theta_0
+never saw (``glyphs_a``-``glyphs_c``, ``rotation``, ``digits``), each with 150 held-out ``val`` images.
+Paper tasks (SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD) are read from ``root/<Task>/{train,test}/<class>/*`` image folders with
 CLIP's preprocessing; nothing is downloaded.
 """
 
@@ -81,6 +81,8 @@ class SurgeryDataModule(L.LightningDataModule):
         adapt_split: split adapted on (unlabelled): ``test`` as in the papers (transductive), or
             ``train`` for a held-out protocol. Evaluation always uses ``test``.
         image_size: side of the square images fed to the model.
+        head_tasks: ``stage: finetune`` with ``head: joint`` experts: every task whose frozen head is built
+            together with this one's (the merged tasks, in one fixed order), read from their training images.
         mean: normalisation mean per channel (CLIP's for image folders).
         std: normalisation std per channel.
         batch_size: training batch size per task (16 in the papers).
@@ -97,6 +99,7 @@ class SurgeryDataModule(L.LightningDataModule):
         root: str | None = None,
         adapt_split: Literal["test", "train"] = "test",
         image_size: int = 32,
+        head_tasks: list[str] | None = None,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         batch_size: int = 16,
@@ -126,7 +129,7 @@ class SurgeryDataModule(L.LightningDataModule):
         data = demo_task(task, self.hparams.image_size, self.hparams.seed)
         self.class_names[task] = [str(c) for c in range(int(data["train"][1].max()) + 1)]
         return {split: {mode: TaskDataset(task, self._normalise(x), y, labelled=mode == "labelled")
-                        for mode in ("labelled", "unlabelled")} for split, (x, y) in data.items()}
+                        for mode in ("labelled", "unlabelled")} for split, (x, y) in data.items() if len(y)}
 
     def _folder(self, task: str) -> dict[str, dict[str, Dataset]]:
         from torchvision import datasets, transforms
@@ -148,7 +151,7 @@ class SurgeryDataModule(L.LightningDataModule):
         return out
 
     def setup(self, stage: str | None = None) -> None:
-        for task in self.tasks:
+        for task in self.tasks + list(self.hparams.head_tasks or []):
             if task not in self.splits:
                 self.splits[task] = self._demo(task) if self.hparams.root is None else self._folder(task)
 
@@ -167,6 +170,18 @@ class SurgeryDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(self.splits[t]["test"]["labelled"], train=False) for t in self.tasks]
+
+    def head_dataloaders(self) -> dict[str, DataLoader]:
+        """Labelled training images of every ``head_tasks`` task, in order (for ``head: joint`` experts)."""
+        return {t: self._loader(self.splits[t]["train"]["labelled"], train=False) for t in self.hparams.head_tasks or []}
+
+    def tuning_dataloader(self) -> list[DataLoader]:
+        """Labelled held-out training images per task (demo ``val`` split): where merge hyper-parameters
+        (task arithmetic's and TIES's lambda) are chosen, disjoint from the test images."""
+        missing = [t for t in self.tasks if "val" not in self.splits[t]]
+        if missing:
+            raise ValueError(f"data.init_args.tasks: {missing} have no held-out validation images")
+        return [self._loader(self.splits[t]["val"]["labelled"], train=False) for t in self.tasks]
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()

@@ -3,10 +3,12 @@
 The demo mirrors the papers' regime (a broadly pre-trained CLIP, zero-shot heads, experts fine-tuned
 on narrower tasks): ``broad`` pre-trains theta_0 on a wide union of labelled images (78 glyph classes,
 the digit classes of one half of MNIST-5k, crops of 12 photographs: 100 classes), and the experts
-are fine-tuned on six tasks whose labels theta_0 never saw:
+are fine-tuned on five tasks whose labels theta_0 never saw (``DEMO_EXPERT_TASKS``; their 48
+classes fill the 48-d representation, the most that jointly orthonormal heads allow):
 
 - ``glyphs_a`` / ``glyphs_b``: 12 printed characters each (the glyph ``meta_test`` classes, halves);
-- ``glyphs_c`` / ``glyphs_d``: 10 printed characters each (the glyph ``meta_val`` classes, halves);
+- ``glyphs_c``: 10 printed characters (the first half of the glyph ``meta_val`` classes; ``glyphs_d``,
+  the other half, is available but not merged);
 - ``rotation``: the rotation (0/90/180/270 degrees) of the *other* half of MNIST-5k's digits;
 - ``digits``: scikit-learn's 8x8 digits, upsampled (a different digit source than MNIST).
 
@@ -22,15 +24,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DEMO_TASKS = ("broad", "glyphs_a", "glyphs_b", "glyphs_c", "glyphs_d", "rotation", "digits", "mnist", "photos", "lfw")
-DEMO_EXPERT_TASKS = ("glyphs_a", "glyphs_b", "glyphs_c", "glyphs_d", "rotation", "digits")  # merged in the demo
+DEMO_EXPERT_TASKS = ("glyphs_a", "glyphs_b", "glyphs_c", "rotation", "digits")  # merged in the demo: 48 classes
 GLYPH_TASKS = {"glyphs_a": ("meta_test", 0, 12), "glyphs_b": ("meta_test", 12, 24),
                "glyphs_c": ("meta_val", 0, 10), "glyphs_d": ("meta_val", 10, 20)}  # split, first, last class
-GLYPHS_PER_CLASS = 100  # >= 300 test images for every glyph task (10 or 12 classes), 700-900 to train
+GLYPHS_PER_CLASS = 100  # >= 300 test images for every glyph task (10 or 12 classes), 550-750 to train
+VAL_IMAGES = 150  # per expert task, held out of its training images (experts never see them)
 
 
-def _split(n: int, test: int, seed: int) -> tuple[Tensor, Tensor]:
+def _split(n: int, test: int, val: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Disjoint train / val / test indices; the test indices do not depend on ``val``."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[test:].sort().values, order[:test].sort().values
+    return order[test + val:].sort().values, order[test : test + val].sort().values, order[:test].sort().values
 
 
 def resize(images: Tensor, size: int) -> Tensor:
@@ -111,7 +115,12 @@ def _images(task: str, size: int, seed: int) -> tuple[Tensor, Tensor, int]:
 
 
 def demo_task(task: str, size: int = 32, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{"train": (images, labels), "test": (images, labels)}`` of one offline demo task, images in [0, 1]."""
+    """``{"train", "val", "test"}: (images, labels)`` of one offline demo task, images in [0, 1].
+
+    ``val`` (``VAL_IMAGES`` held out of the training images; none for ``broad`` and ``lfw``) is where
+    merge hyper-parameters such as task arithmetic's lambda are chosen, never on ``test``.
+    """
     images, labels, test = _images(task, size, seed)
-    train, test_idx = _split(len(labels), test, seed)
-    return {"train": (images[train], labels[train]), "test": (images[test_idx], labels[test_idx])}
+    val = 0 if task in ("broad", "lfw") else VAL_IMAGES
+    parts = dict(zip(("train", "val", "test"), _split(len(labels), test, val, seed)))
+    return {name: (images[idx], labels[idx]) for name, idx in parts.items()}

@@ -6,8 +6,9 @@ the image tower only). With a CLIP image tower, ``head: zero_shot`` builds that 
 task's class names and CLIP's text tower (``core.zero_shot_head``). Offline there is no CLIP, so this
 module also pre-trains theta_0 (``head: learned``: a trainable cosine classifier on the pre-training
 task) and, for each expert, builds a zero-shot-like head from theta_0's class-mean features
-(``head: prototype``; ``head: orthogonal`` makes the class means orthonormal), freezes it and fine-tunes
-the encoder. The encoder and its head are written as safetensors
+(``head: prototype``; ``head: orthogonal`` makes the class means orthonormal; ``head: joint`` makes
+the class means of all the data module's ``head_tasks`` orthonormal together and keeps this task's
+rows), freezes it and fine-tunes the encoder. The encoder and its head are written as safetensors
 (``<export_path>`` and ``<name>.head.safetensors``) for ``AdaMergingModule`` and ``SurgeryModule``.
 """
 
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from core.timm_models import create_model, export_weights
 from core.zero_shot_head import DEFAULT_TEMPLATES, clip_text_encoder, zero_shot_head
-from lit_modules.surgery_parts import head_path, probe_input, prototype_head
+from lit_modules.surgery_parts import class_means, head_path, joint_heads, probe_input, prototype_head
 
 
 class ExpertModule(L.LightningModule):
@@ -38,7 +39,9 @@ class ExpertModule(L.LightningModule):
         head: ``learned`` trains the head with the encoder (pre-training); ``prototype`` builds it from
             the starting encoder's class means on the training data and freezes it; ``orthogonal``
             (demo experts) makes those class means orthonormal first, so the frozen rows are well
-            separated like CLIP's text heads;
+            separated like CLIP's text heads; ``joint`` (demo experts) does that for the class means of
+            every task in the data module's ``head_tasks`` at once and keeps this task's rows, so that
+            the heads of different tasks are orthogonal too (every expert builds the same set);
             ``zero_shot`` builds it from the task's class names (the data module's ``class_names``)
             and ``text_encoder``, and freezes it (CLIP experts, as task_vectors).
         logit_scale: temperature folded into prototype and zero-shot heads (CLIP's exp(logit_scale) = 100).
@@ -59,7 +62,7 @@ class ExpertModule(L.LightningModule):
         pretrained: bool = False,
         checkpoint: str | None = None,
         num_classes: int = 10,
-        head: Literal["learned", "prototype", "orthogonal", "zero_shot"] = "orthogonal",
+        head: Literal["learned", "prototype", "orthogonal", "joint", "zero_shot"] = "orthogonal",
         logit_scale: float = 100.0,
         text_encoder: str | None = None,
         templates: list[str] | None = None,
@@ -89,7 +92,9 @@ class ExpertModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.head != "zero_shot":
             return
-        names = getattr(self.trainer.datamodule, "class_names", None) or {}
+        datamodule = self.trainer.datamodule
+        names = getattr(datamodule, "class_names", None) or {}
+        names = {t: names[t] for t in getattr(datamodule, "tasks", names) if t in names}  # not head_tasks' names
         if len(names) != 1:
             raise ValueError(f"head: zero_shot needs a data module with the class names of exactly one task "
                              f"(data.init_args.tasks); got {sorted(names) or 'none'}")
@@ -110,17 +115,37 @@ class ExpertModule(L.LightningModule):
     @torch.no_grad()
     def on_train_start(self) -> None:
         # On resume the encoder is already part-way fine-tuned: keep the head that came with the checkpoint.
-        if self.hparams.head not in ("prototype", "orthogonal") or self._head_restored:
+        head, scale = self.hparams.head, self.hparams.logit_scale
+        if head not in ("prototype", "orthogonal", "joint") or self._head_restored:
             return
+        if head != "joint":
+            features, labels = self._features(self.trainer.train_dataloader)
+            self.head.weight.copy_(prototype_head(features, labels, self.hparams.num_classes, scale,
+                                                  orthogonal=head == "orthogonal"))
+            return
+        datamodule = self.trainer.datamodule
+        loaders = datamodule.head_dataloaders() if hasattr(datamodule, "head_dataloaders") else {}
+        own = datamodule.tasks[0] if loaders else None
+        if own not in loaders:
+            raise ValueError("model.init_args.head: joint needs data.init_args.head_tasks listing this expert's task "
+                             f"({own}) and the other merged tasks")
+        means = {t: class_means(*self._features(loader), len(datamodule.class_names[t])) for t, loader in loaders.items()}
+        rows = dict(zip(means, joint_heads(list(means.values()), scale)))
+        if len(rows[own]) != self.hparams.num_classes:
+            raise ValueError(f"model.init_args.num_classes is {self.hparams.num_classes} but task {own!r} has "
+                             f"{len(rows[own])} classes")
+        self.head.weight.copy_(rows[own])
+
+    def _features(self, loader: Any) -> tuple[Tensor, Tensor]:
+        """The encoder's features and labels of every batch of ``loader`` (all ranks' shards under DDP)."""
         features, labels = [], []
-        for batch in self.trainer.train_dataloader:
+        for batch in loader:
             features.append(self.encoder(batch["image"].to(self.device)))
             labels.append(batch["label"].to(self.device))
         features, labels = torch.cat(features), torch.cat(labels)
         if self.trainer.world_size > 1:  # every rank builds the same head from all ranks' shards
             features, labels = self.all_gather(features).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
-        self.head.weight.copy_(prototype_head(features, labels, self.hparams.num_classes, self.hparams.logit_scale,
-                                              orthogonal=self.hparams.head == "orthogonal"))
+        return features, labels
 
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
         logits = self(batch["image"])

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,30 +105,47 @@ def probe_input(model: nn.Module) -> Tensor:
     return torch.zeros(1, chans, *size)
 
 
+def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Unit direction of each class's mean normalised feature, (num_classes, D); every class must occur."""
+    present = labels.unique()
+    if len(present) != num_classes:
+        missing = sorted(set(range(num_classes)) - set(present.tolist()))
+        raise ValueError(f"prototype head: classes {missing} have no training examples (data.init_args.tasks)")
+    onehot = F.one_hot(labels, num_classes).float()
+    return F.normalize(onehot.T @ F.normalize(features.float(), dim=-1), dim=-1)
+
+
+def nearest_orthonormal(rows: Tensor) -> Tensor:
+    """The orthonormal rows nearest to ``rows`` (polar factor ``U V^T`` of ``U S V^T``)."""
+    if rows.shape[0] > rows.shape[1]:
+        raise ValueError(f"model.init_args.head: orthogonal/joint needs num_classes <= the representation width "
+                         f"{rows.shape[1]}, got {rows.shape[0]} (all head_tasks together for joint); use head: "
+                         "prototype or a wider encoder output")
+    u, _, vh = torch.linalg.svd(rows, full_matrices=False)
+    return u @ vh
+
+
 def prototype_head(features: Tensor, labels: Tensor, num_classes: int, logit_scale: float = 100.0,
                    orthogonal: bool = False) -> Tensor:
     """A zero-shot-like head from class means of features: rows ``scale * mean_c / |mean_c|``.
 
     Stand-in for CLIP's text heads when no text encoder exists (the demo): built once from the
     pre-trained encoder, then frozen while the expert is fine-tuned (as task_vectors freezes heads).
-    With ``orthogonal`` the rows are the orthonormal set nearest to the normalised means (polar
-    decomposition ``U V^T`` of ``U S V^T``): theta_0's class geometry, but with rows as far apart as
-    CLIP's text heads, where raw class means of a weak encoder can be nearly parallel (cosine 0.99).
+    With ``orthogonal`` the rows are the orthonormal set nearest to the normalised means: theta_0's
+    class geometry, but with rows as far apart as CLIP's text heads, where raw class means of a weak
+    encoder can be nearly parallel (cosine 0.99).
     """
-    present = labels.unique()
-    if len(present) != num_classes:
-        missing = sorted(set(range(num_classes)) - set(present.tolist()))
-        raise ValueError(f"prototype head: classes {missing} have no training examples (data.init_args.tasks)")
-    normed = F.normalize(features.float(), dim=-1)
-    onehot = F.one_hot(labels, num_classes).float()
-    means = F.normalize(onehot.T @ normed, dim=-1)  # class sums, normalised: the direction of each class mean
-    if orthogonal:
-        if num_classes > means.shape[1]:
-            raise ValueError(f"model.init_args.head: orthogonal needs num_classes <= the representation width "
-                             f"{means.shape[1]}, got {num_classes}; use head: prototype")
-        u, _, vh = torch.linalg.svd(means, full_matrices=False)
-        means = u @ vh
-    return logit_scale * means
+    means = class_means(features, labels, num_classes)
+    return logit_scale * (nearest_orthonormal(means) if orthogonal else means)
+
+
+def joint_heads(means: Sequence[Tensor], logit_scale: float = 100.0) -> list[Tensor]:
+    """Heads of several tasks made orthonormal together (``head: joint``): no row of one task overlaps a
+    row of another, as CLIP's text heads of different data sets hardly do; in a narrow representation,
+    per-task orthonormal heads of different tasks collide, so every task vector moves the other tasks'
+    logits. ``means``: each task's :func:`class_means`; returns each task's rows, in order."""
+    rows = logit_scale * nearest_orthonormal(torch.cat(list(means)))
+    return list(rows.split([len(m) for m in means]))
 
 
 def head_path(expert_path: str | Path) -> Path:

@@ -16,7 +16,7 @@ from core.timm_models import export_weights
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "surgery"
 DEMO_VIT = {"img_size": 32, "patch_size": 8, "in_chans": 1, "num_classes": 48, "embed_dim": 64, "depth": 4, "num_heads": 2}
-DEMO_CLASSES = {"glyphs_a": 12, "glyphs_b": 12, "glyphs_c": 10, "glyphs_d": 10, "rotation": 4, "digits": 10}
+DEMO_CLASSES = {"glyphs_a": 12, "glyphs_b": 12, "glyphs_c": 10, "rotation": 4, "digits": 10}
 
 
 @pytest.fixture(scope="module")
