@@ -31,7 +31,7 @@ def stack_embeddings(embeddings: list[dict[str, Tensor]]) -> tuple[Tensor, Tenso
     """``(flat (N, P), segment (P,))``: every embedding flattened in one order and the tensor id of each entry."""
     names = list(embeddings[0])
     for k, e in enumerate(embeddings):
-        if list(e) != names:
+        if set(e) != set(names):
             raise ValueError(f"task embedding {k} has other parameter tensors than embedding 0: use one probe for all")
     flat = torch.stack([torch.cat([e[n].reshape(-1).float() for n in names]) for e in embeddings])
     sizes = torch.tensor([embeddings[0][n].numel() for n in names])
