@@ -14,9 +14,9 @@ Rows per zoo: ``tgr`` (heterogeneous groups, displacement alpha), ``homogeneous`
 (``benchmarks.free``'s FREE row on the same zoo, as many steps). Floor ``random_init`` and ceiling
 ``real_data`` (MAML on real meta-train episodes) are zoo-independent. Scores: ProtoNet on 600 episodes
 (primary: every row is cheap to score at 600) and MAML fine-tuning (10 steps, lr 0.01, transductive BN)
-on the first ``maml_episodes`` of them. One training seed per row (the CI is over episodes).
+on the first ``maml_episodes`` (50) of them. One training seed per row (the CI is over episodes).
 
-Scale (one CPU core, sized for a shared, loaded machine): 12 steps of 3 teachers, 10 inversion steps of 40 images each, 2 replay
+Scale (one CPU core, sized for a shared machine at load ~15 on 2 cores): 6 steps of 3 teachers, 10 inversion steps of 40 images each, 2 replay
 meta-batches of 4 episodes (the release: 1200 steps, 4 teachers, 200 inversion steps of 150 images,
 replay until patience); embedding from 100 images per teacher after 15 inversion steps.
 
@@ -58,8 +58,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHOTS, PROBE_CLASSES = (1, 5), 12
 ZOOS = ("single", "multi_domain", "multi_arch")
 ROWS = ("tgr", "homogeneous", "random_groups", "alpha0", "free")
-FULL = dict(size=16, teachers=16, part=8, side=4, zoo_per_class=60, zoo_epochs=10, resnet_width=16, steps=12,
-            warmup=2, val_every=6, val_episodes=60, test_episodes=600, maml_episodes=100, replay_batches=2,
+FULL = dict(size=16, teachers=16, part=8, side=4, zoo_per_class=60, zoo_epochs=10, resnet_width=16, steps=6,
+            warmup=1, val_every=3, val_episodes=40, test_episodes=600, maml_episodes=50, replay_batches=2,
             episode_batch=4, holdout=0, seed=0, similarity_n=100)
 QUICK = dict(size=16, teachers=8, part=4, side=2, zoo_per_class=30, zoo_epochs=2, resnet_width=8, steps=4,
              warmup=1, val_every=2, val_episodes=20, test_episodes=60, maml_episodes=20, replay_batches=1,
