@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export JSONARGPARSE_DEPRECATION_WARNINGS ?= off
 DEMO := runs/smi/demo
 
-.PHONY: install demo demo-smi demo-bds demo-surgery demo-refresh demo-sae_debias demo-llm_sc demo-asp demo-free test lint clean-demo
+.PHONY: install demo demo-smi demo-bds demo-surgery demo-refresh demo-sae_debias demo-llm_sc demo-asp demo-free demo-tgr test lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -95,3 +95,8 @@ demo-smi: demo
 demo-free: $(STAMP)
 	test -f runs/free/demo/zoo/manifest.json || $(PY) train.py fit --config configs/free/demo_zoo.yaml
 	$(PY) train.py fit --config configs/free/demo.yaml
+
+# TGR: a glyph zoo with 12 meta-train classes reserved for the probe (once), then TGR on it.
+demo-tgr: $(STAMP)
+	test -f runs/tgr/demo/zoo/manifest.json || $(PY) train.py fit --config configs/tgr/demo_zoo.yaml
+	$(PY) train.py fit --config configs/tgr/demo.yaml

@@ -17,15 +17,19 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from core.conv4 import Conv4
+from core.resnet import DEPTHS, ResNet
 
 MANIFEST = "manifest.json"
 
 
 def build_teacher(arch: str, arch_kwargs: dict) -> nn.Module:
-    """A teacher network by architecture name (``conv4``; kwargs as ``core.conv4.Conv4`` takes them)."""
+    """A teacher network by architecture name: ``conv4`` (kwargs of ``core.conv4.Conv4``) or
+    ``resnet10``/``resnet18`` (kwargs of ``core.resnet.ResNet``)."""
     if arch == "conv4":
         return Conv4(**arch_kwargs)
-    raise ValueError(f"unknown teacher architecture {arch!r} in the zoo manifest; known: conv4")
+    if arch in DEPTHS:
+        return ResNet(**arch_kwargs)
+    raise ValueError(f"unknown teacher architecture {arch!r} in the zoo manifest; known: conv4, {', '.join(DEPTHS)}")
 
 
 @dataclass
@@ -39,6 +43,7 @@ class ZooTeacher:
     class_names: list[str] = field(default_factory=list)
     accuracy: float = float("nan")
     sha256: str = ""
+    domain: str = ""
 
 
 def _sha256(path: Path) -> str:
@@ -102,3 +107,27 @@ def load_zoo(path: str | Path, key: str = "zoo", check_hash: bool = True) -> tup
                              f"{teacher.arch_kwargs}: {first}") from err
         models.append(model.eval().requires_grad_(False))
     return models, teachers, meta
+
+
+def combine_zoos(parts: list[str | Path], directory: str | Path, overwrite: bool = False) -> Path:
+    """One zoo from several (a multi-domain or multi-architecture zoo); returns the new manifest.
+
+    Parts from the same data source share one class space; each further source gets its own block of
+    absolute class ids (offset by the classes of the sources before it), so classes of different domains
+    are never pooled together. Every teacher is copied (and re-hashed) with its ``domain`` recorded.
+    """
+    states, teachers, offsets, names, sources = [], [], {}, [], []
+    for part in parts:
+        folder, records, meta = read_manifest(part, key="combine_zoos")
+        source = str(meta.get("source", ""))
+        if source not in offsets:
+            offsets[source] = len(names)
+            names += [f"{source}:{c}" for c in meta.get("class_names", [])]
+        for record in records:
+            states.append(load_file(str(folder / record.file)))
+            record.classes = [c + offsets[source] for c in record.classes]
+            record.domain = source
+            teachers.append(record)
+        sources.append({"zoo": str(part), "source": source, "offset": offsets[source], "teachers": len(records)})
+    meta = {"source": "+".join(offsets), "n_classes": len(names), "class_names": names, "parts": sources}
+    return save_zoo(directory, states, teachers, meta, overwrite)

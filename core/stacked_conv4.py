@@ -72,11 +72,18 @@ class StackedConv4(nn.Module):
         state["head.bias"] = self.head_bias[i]
         return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
+    def arch_kwargs(self) -> dict:
+        """Constructor arguments of one exported ``core.conv4.Conv4``."""
+        return {"in_channels": self.in_channels, "hidden": self.hidden, "num_classes": self.num_classes,
+                "image_size": self.image_size}
+
     def per_model_tensors(self) -> dict[str, Tensor]:
         """Every parameter and running statistic viewed as (N, ...), network i at row i (for per-network
         model selection); the shared BatchNorm step counters are left out."""
-        out = {}
-        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
-            if not name.endswith("num_batches_tracked"):
-                out[name] = tensor.view(self.n_models, -1)
-        return out
+        return per_model_view(self, self.n_models)
+
+
+def per_model_view(module: nn.Module, n_models: int) -> dict[str, Tensor]:
+    """Parameters and buffers of a stacked module as (N, -1) views (network-major rows), step counters left out."""
+    return {name: t.view(n_models, -1) for name, t in [*module.named_parameters(), *module.named_buffers()]
+            if not name.endswith("num_batches_tracked")}

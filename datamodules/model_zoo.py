@@ -43,12 +43,14 @@ class ZooData(L.LightningDataModule):
         train_fraction: share of each class's images used for training (release 0.8).
         batch_size: images per teacher per step (release 128).
         seed: seed of the class draw.
+        probe_classes: the last this many classes of the split are left out of every teacher's draw
+            (reserved for TGR's task-embedding probe, ``datamodules.tgr.TGRData``); 0 uses all.
     """
 
     def __init__(self, source: str = "glyphs", root: str | None = None, split: str = "meta_train",
                  image_size: int = 28, channels: int = 1, per_class: int = 20, n_teachers: int = 20,
                  classes_per_teacher: int = 5, train_fraction: float = 0.8, batch_size: int = 32,
-                 seed: int = 0) -> None:
+                 seed: int = 0, probe_classes: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.teacher_classes: Tensor | None = None
@@ -63,11 +65,12 @@ class ZooData(L.LightningDataModule):
         images, labels, self.class_names = labelled_split(hp.source, hp.split, hp.per_class, hp.image_size,
                                                           hp.channels, hp.seed, hp.root)
         n_classes = len(self.class_names)
-        if hp.classes_per_teacher > n_classes:
+        drawable = n_classes - hp.probe_classes
+        if hp.classes_per_teacher > drawable:
             raise ValueError(f"data.init_args.classes_per_teacher={hp.classes_per_teacher} but {hp.source}/"
-                             f"{hp.split} has {n_classes} classes")
+                             f"{hp.split} has {n_classes} classes ({hp.probe_classes} reserved by probe_classes)")
         g = keyed_generator(hp.seed, 7)
-        self.teacher_classes = torch.stack([torch.randperm(n_classes, generator=g)[: hp.classes_per_teacher]
+        self.teacher_classes = torch.stack([torch.randperm(drawable, generator=g)[: hp.classes_per_teacher]
                                             for _ in range(hp.n_teachers)])
         counts = torch.bincount(labels, minlength=n_classes)
         per = int(counts.min())  # equal counts per class so every teacher's stack has the same length

@@ -1,0 +1,247 @@
+"""TGR on the glyph source: three heterogeneous zoos, the grouping and regularisation ablations, FREE.
+
+Protocol: 5-way 1-shot and 5-shot on the same fixed ``meta_test`` glyph episodes for every row (classes
+unseen by every teacher and by the probe); model selection on ``meta_val`` episodes only. The last 12
+``meta_train`` classes are kept from every teacher and train the Conv4 probe of the task embedding.
+Zoos (16 px, Conv4 32 channels unless said):
+
+- ``single``: 16 Conv4 teachers on glyph meta-train classes;
+- ``multi_domain``: 8 glyph + 4 MNIST-5k + 4 sklearn-digits teachers (each domain's classes apart);
+- ``multi_arch``: 8 Conv4 + 4 ResNet-10 + 4 ResNet-18 glyph teachers (ResNet width 16, not 64).
+
+Rows per zoo: ``tgr`` (heterogeneous groups, displacement alpha), ``homogeneous`` (clustering on S),
+``random_groups``, ``alpha0`` (heterogeneous groups, plain mean of the group's losses) and ``free``
+(``benchmarks.free``'s FREE row on the same zoo, as many steps). Floor ``random_init`` and ceiling
+``real_data`` (MAML on real meta-train episodes) are zoo-independent. Scores: ProtoNet on 600 episodes
+(primary: every row is cheap to score at 600) and MAML fine-tuning (10 steps, lr 0.01, transductive BN)
+on the first ``maml_episodes`` (50) of them. One training seed per row (the CI is over episodes).
+
+Scale (one CPU core, sized for a shared machine at load ~15 on 2 cores): 6 steps of 3 teachers, 10 inversion steps of 40 images each, 2 replay
+meta-batches of 4 episodes (the release: 1200 steps, 4 teachers, 200 inversion steps of 150 images,
+replay until patience); embedding from 100 images per teacher after 15 inversion steps.
+
+    python benchmarks/tgr.py              # full run
+    python benchmarks/tgr.py --quick      # smoke run
+
+Writes ``benchmarks/results/tgr.json``, ``tgr_raw.json`` (every episode accuracy, groups, similarity
+matrices, validation and gradient-cosine curves) and ``tgr_heterogeneity_<zoo>.png``. Zoos, probe and
+embeddings are cached under the litzoo cache, keyed by hashes of their settings and code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from benchmarks.free import FREE_ARGS, _quiet_trainer, test_episodes, train_free, train_real
+from callbacks.gradient_alignment import GradientAlignment
+from core.conv4 import Conv4
+from core.episodes import mean_ci95
+from core.heterogeneity_figure import heterogeneity_figure
+from core.maml import maml_accuracy, protonet_accuracy, transductive
+from core.model_zoo import combine_zoos, read_manifest
+from core.packaged_models import default_cache_dir
+from core.task_similarity import mean_within_group, normalised_cosine_similarity, pairwise_similarity_loop, stack_embeddings
+from datamodules.model_zoo import ZooData
+from datamodules.tgr import TGRData
+from lit_modules.model_zoo import ZooModule
+from lit_modules.tgr import TGRModule
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+SHOTS, PROBE_CLASSES = (1, 5), 12
+ZOOS = ("single", "multi_domain", "multi_arch")
+ROWS = ("tgr", "homogeneous", "random_groups", "alpha0", "free")
+FULL = dict(size=16, teachers=16, part=8, side=4, zoo_per_class=60, zoo_epochs=10, resnet_width=16, steps=6,
+            warmup=1, val_every=3, val_episodes=40, test_episodes=600, maml_episodes=50, replay_batches=2,
+            episode_batch=4, holdout=0, seed=0, similarity_n=100)
+QUICK = dict(size=16, teachers=8, part=4, side=2, zoo_per_class=30, zoo_epochs=2, resnet_width=8, steps=4,
+             warmup=1, val_every=2, val_episodes=20, test_episodes=60, maml_episodes=20, replay_batches=1,
+             episode_batch=2, holdout=0, seed=0, similarity_n=20)
+TGR_ARGS = dict(hidden=32, nz=64, ngf=16, n_groups=4, teachers_per_step=3, images_per_class=8, inversion_steps=10,
+                augment_flip=False, outer_lr=5e-3, replay_k_shot=5, replay_q_query=5, replay_patience=0,
+                pool_capacity=100, probe="conv4", probe_epochs=10, fisher="batch", embedding_images_per_class=20,
+                embedding_steps=15, evaluation="protonet", cosine_every=4)
+ALPHA = 1e-3  # the release's displace_lr
+ROW_SETTINGS = {"tgr": ("heterogeneous", True), "homogeneous": ("homogeneous", True),
+                "random_groups": ("random", True), "alpha0": ("heterogeneous", False)}
+ZOO_CODE = ("core/stacked_conv4.py", "core/stacked_resnet.py", "core/resnet.py", "core/model_zoo.py",
+            "lit_modules/model_zoo.py", "datamodules/model_zoo.py", "datamodules/few_shot.py",
+            "datamodules/sources/glyphs.py")
+
+
+def _zoo(cfg: dict, source: str, arch: str, n: int, seed: int) -> Path:
+    """One cached stacked zoo (keyed by its settings and the code that trains it)."""
+    key = {"source": source, "arch": arch, "n": n, "seed": seed, "probe_classes": PROBE_CLASSES,
+           **{k: cfg[k] for k in ("size", "zoo_per_class", "zoo_epochs", "resnet_width")},
+           "code": [hashlib.sha256((REPO / f).read_bytes()).hexdigest() for f in ZOO_CODE]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    out = default_cache_dir() / "benchmarks" / f"tgr_zoo_{digest}"
+    if (out / "manifest.json").is_file():
+        return out
+    glyphs = source == "glyphs"
+    data = ZooData(source=source, image_size=cfg["size"], per_class=cfg["zoo_per_class"], n_teachers=n,
+                   batch_size=32, seed=seed, probe_classes=PROBE_CLASSES if glyphs else 0)
+    resnet = arch != "conv4"
+    module = ZooModule(arch=arch, width=cfg["resnet_width"], image_size=cfg["size"], output_dir=str(out),
+                       optimizer="sgd" if resnet else "adam", weight_decay=5e-4 if resnet else 0.0,
+                       grad_clip=0.0 if resnet else 50.0)
+    _quiet_trainer(max_epochs=cfg["zoo_epochs"], default_root_dir=str(out.parent)).fit(module, datamodule=data)
+    return out
+
+
+def build_zoos(cfg: dict) -> dict[str, Path]:
+    part = _zoo(cfg, "glyphs", "conv4", cfg["part"], 1)  # shared by the two heterogeneous zoos
+    zoos = {"single": _zoo(cfg, "glyphs", "conv4", cfg["teachers"], 0)}
+    for name, parts in (("multi_domain", [part, _zoo(cfg, "mnist5k", "conv4", cfg["side"], 2),
+                                          _zoo(cfg, "digits", "conv4", cfg["side"], 3)]),
+                        ("multi_arch", [part, _zoo(cfg, "glyphs", "resnet10", cfg["side"], 4),
+                                        _zoo(cfg, "glyphs", "resnet18", cfg["side"], 5)])):
+        digest = hashlib.sha256("|".join(p.name for p in parts).encode()).hexdigest()[:12]
+        out = default_cache_dir() / "benchmarks" / f"tgr_{name}_{digest}"
+        if not (out / "manifest.json").is_file():
+            combine_zoos(parts, out)
+        zoos[name] = out
+    return zoos
+
+
+def score(learner: Conv4, episodes: dict, cfg: dict) -> dict:
+    """ProtoNet accuracy of every episode and MAML fine-tuning accuracy of the first ``maml_episodes``."""
+    out = {}
+    for shot, (support, query) in episodes.items():
+        m = cfg["maml_episodes"]
+        out[str(shot)] = {"protonet": protonet_accuracy(learner.features, support, query).tolist(),
+                          "maml": maml_accuracy(learner, support[:m], query[:m], 10, 0.01).tolist()}
+    return out
+
+
+def train_tgr(zoo: Path, cfg: dict, row: str) -> tuple[TGRModule, dict]:
+    grouping, regularised = ROW_SETTINGS[row]
+    module = TGRModule(zoo=str(zoo), grouping=grouping, replay_batches=cfg["replay_batches"],
+                       episode_batch=cfg["episode_batch"], rng_seed=cfg["seed"], **TGR_ARGS)
+    data = TGRData(source="glyphs", image_size=cfg["size"], per_class=40, k_shot=5, val_episodes=cfg["val_episodes"],
+                   steps_per_epoch=cfg["val_every"], seed=cfg["seed"], probe_classes=PROBE_CLASSES)
+    curve = []
+
+    class Curve(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            curve.append(float(trainer.callback_metrics["val/acc"]))
+
+    torch.manual_seed(cfg["seed"])
+    callbacks = [Curve()] + ([GradientAlignment(mode="displacement", alpha=ALPHA)] if regularised else [])
+    start = time.perf_counter()
+    run_dir = Path("runs/benchmarks/tgr") / f"{'quick' if cfg is QUICK else 'full'}_{zoo.name}_{row}"
+    _quiet_trainer(max_epochs=cfg["steps"] // cfg["val_every"], callbacks=callbacks,
+                   default_root_dir=str(run_dir)).fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    module.learner.load_state_dict(module.best_state)
+    return module, {"val_curve": curve, "train_seconds": seconds, "groups": module.groups,
+                    "cosine_curve": module.cosine_curve,
+                    "within_group_similarity": mean_within_group(module.similarity, module.groups)}
+
+
+def similarity_speedup(cfg: dict, probe_shapes: dict[str, torch.Size]) -> dict:
+    """Vectorised similarity vs the release's per-pair loop on N Fisher-like embeddings of the probe's shapes."""
+    g = torch.Generator().manual_seed(0)
+    embeddings = [{k: torch.rand(s, generator=g) ** 4 for k, s in probe_shapes.items()}
+                  for _ in range(cfg["similarity_n"])]
+    start = time.perf_counter()
+    fast = normalised_cosine_similarity(*stack_embeddings(embeddings))
+    t_fast = time.perf_counter() - start
+    start = time.perf_counter()
+    slow = pairwise_similarity_loop(embeddings)
+    t_loop = time.perf_counter() - start
+    return {"similarity_speedup": t_loop / t_fast, "similarity_seconds": t_fast, "similarity_loop_seconds": t_loop,
+            "similarity_n": cfg["similarity_n"], "similarity_max_abs_diff": float((fast - slow).abs().max())}
+
+
+def summarise(raw: dict) -> dict:
+    acc, acc_maml = {}, {}
+    for zoo, rows in raw["rows"].items():
+        acc[zoo], acc_maml[zoo] = {}, {}
+        for row, shots in rows.items():
+            acc[zoo][row] = {s: dict(zip(("mean", "ci95"), mean_ci95(v["protonet"]))) for s, v in shots.items()}
+            acc_maml[zoo][row] = {s: dict(zip(("mean", "ci95"), mean_ci95(v["maml"]))) for s, v in shots.items()}
+    out = {"acc": acc, "acc_maml": acc_maml}
+    if "floor" in acc and "ceiling" in acc:
+        out["protocol_validity"] = {s: acc["ceiling"]["real_data"][s]["mean"] - acc["floor"]["random_init"][s]["mean"]
+                                    for s in map(str, SHOTS)}
+    targets = {}
+    for zoo in ZOOS:
+        rows = acc.get(zoo, {})
+        if set(ROWS) <= set(rows):
+            five = {r: rows[r]["5"]["mean"] for r in ROWS}
+            targets[zoo] = {"tgr_above_alpha0_5shot": five["tgr"] > five["alpha0"],
+                            "tgr_above_homogeneous_5shot": five["tgr"] > five["homogeneous"],
+                            "tgr_above_free_5shot": five["tgr"] > five["free"]}
+    out["targets"] = targets
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (minutes)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "tgr.json")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = QUICK if args.quick else FULL
+    t0 = time.perf_counter()
+    zoos = build_zoos(cfg)
+    free_cfg = {**cfg, "steps": cfg["steps"], "val_every": cfg["val_every"]}
+    episodes = test_episodes(cfg)
+    raw: dict = {"config": cfg, "tgr_args": TGR_ARGS, "alpha": ALPHA, "free_args": FREE_ARGS, "rows": {},
+                 "training": {}, "zoos": {k: str(v) for k, v in zoos.items()}}
+    extra = similarity_speedup(cfg, {k: v.shape for k, v in Conv4(1, 32, PROBE_CLASSES, cfg["size"]).state_dict().items()
+                                     if "running" not in k and "num_batches" not in k})
+
+    def save() -> dict:
+        result = {"quick": args.quick, **extra, **summarise(raw), "wall_seconds": time.perf_counter() - t0,
+                  "teacher_accuracy_mean": {z: sum(t.accuracy for t in read_manifest(p)[1]) / len(read_manifest(p)[1])
+                                            for z, p in zoos.items()},
+                  "config": cfg, "alpha": ALPHA}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        args.out.with_name(args.out.stem + "_raw.json").write_text(json.dumps(raw))
+        return result
+
+    torch.manual_seed(cfg["seed"])
+    raw["rows"]["floor"] = {"random_init": score(transductive(Conv4(1, 32, 5, cfg["size"])), episodes, cfg)}
+    learner, info = train_real(free_cfg, cfg["seed"], (cfg["steps"] - cfg["warmup"]) * cfg["replay_batches"])
+    raw["rows"]["ceiling"] = {"real_data": score(learner, episodes, cfg)}
+    raw["training"]["ceiling/real_data"] = info
+    save()
+    for zoo, path in zoos.items():
+        rows = raw["rows"].setdefault(zoo, {})
+        cosine = {}
+        for row in ROWS[:-1]:
+            module, info = train_tgr(path, cfg, row)
+            rows[row] = score(module.learner, episodes, cfg)
+            raw["training"][f"{zoo}/{row}"] = info
+            cosine[row] = module.cosine_curve
+            if row == "tgr":
+                raw.setdefault("similarity", {})[zoo] = module.similarity.tolist()
+                similarity, groups = module.similarity, module.groups
+            print(f"{zoo} {row}: val {info['val_curve']} in {info['train_seconds']:.0f} s", flush=True)
+            save()
+        heterogeneity_figure(similarity, groups, cosine, args.out.with_name(f"{args.out.stem}_heterogeneity_{zoo}.png"))
+        module, info = train_free(path, free_cfg, cfg["seed"], f"{zoo}_free", True, False)
+        rows["free"] = score(module.learner, episodes, cfg)
+        raw["training"][f"{zoo}/free"] = info
+        print(f"{zoo} free: val {info['val_curve']} in {info['train_seconds']:.0f} s", flush=True)
+        save()
+    result = save()
+    for zoo in ZOOS:
+        for row, shots in result["acc"].get(zoo, {}).items():
+            print(f"{zoo:13s} {row:14s} " + " ".join(f"{shots[s]['mean']:.3f} +- {shots[s]['ci95']:.3f}" for s in ("1", "5")))
+    print({k: result[k] for k in ("similarity_speedup", "protocol_validity", "targets", "wall_seconds") if k in result})
+
+
+if __name__ == "__main__":
+    main()
