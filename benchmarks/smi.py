@@ -264,13 +264,14 @@ def tune(pools: dict, budget: int, kd_grid: list[tuple[float, int]], settings: l
             "val_kd_acc_by_temperature_steps": kd, "val_ptq_by_setting": ptq}
 
 
-def quality(quick: bool) -> tuple[dict, list[dict]]:
+def quality(quick: bool, seeds: list[int] | None) -> tuple[dict, list[dict]]:
     cfg = demo_config("demo.yaml")
     teacher = stage_weights("demo_teacher.yaml")
     stage_weights("demo_student.yaml")
     args = {**cfg["model"]["init_args"], "teacher_checkpoint": str(teacher)}
     prune = cfg["trainer"]["callbacks"][0]["init_args"]["prune_iterations"]
-    seeds, batches, iterations = ([0], 1, 40) if quick else ([0, 1, 2], 1, 200)
+    default_seeds, batches, iterations = ([0], 1, 40) if quick else ([0, 1, 2], 1, 200)
+    seeds = seeds or default_seeds
     args.update(iterations=iterations, batch_size=64, seed=0)
     budget = batches * args["batch_size"]
     kd_grid = [(4.0, 40)] if quick else [(t, n) for t in (1.0, 4.0, 20.0) for n in (20, 80, 320)]
@@ -340,6 +341,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file (raw rows beside it)")
     parser.add_argument("--skip", choices=["speed", "quality"], help="leave one half out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="quality seeds (default: 0 1 2; --quick: 0)")
     parser.add_argument("--speed-from", type=Path,
                         help="copy the speed rows from an earlier results JSON instead of measuring them "
                              "(recorded as speed_source; for a machine too loaded to time anything)")
@@ -353,7 +355,7 @@ def main() -> None:
     raw: list[dict] = []
     start = time.perf_counter()
     if args.skip != "quality":
-        quality_results, raw = quality(args.quick)
+        quality_results, raw = quality(args.quick, args.seeds)
         results.update(quality_results)
     if args.speed_from:
         earlier = json.loads(args.speed_from.read_text())
