@@ -134,7 +134,7 @@ def speed(quick: bool, tmp: Path) -> dict:
     prune = [2, 4, 6, 8] if quick else scaled_schedule(iterations)
     args = dict(teacher="vit_tiny_patch16_224", teacher_kwargs={"num_classes": 1000}, batch_size=batch,
                 iterations=iterations, seed=0)
-    invert(args, prune, tmp / "warmup", iterations=12)  # warm-up: allocator, kernels, imports
+    invert(args, prune, tmp / "warmup", iterations=prune[-1] + 2)  # warm-up: allocator, kernels, imports
     dense = invert(args, None, tmp / "dense")
     sparse = invert(args, prune, tmp / "sparse")
     bound = flop_bound(iterations, prune, 196, dim=192, depth=12, patch_dim=3 * 16 * 16, prefix=1)
