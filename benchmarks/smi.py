@@ -13,13 +13,19 @@ Quality, per seed (3 seeds): the demo teacher (configs/smi/demo_teacher.yaml) is
 sparsely at an equal image budget, and sparsely again for the dense run's wall-clock (more images).
 Two downstream tasks read each pool, evaluated on real held-out MNIST-5k test digits:
 - KD: the demo's glyph-pretrained student (demo_student.yaml, never saw MNIST) is linear-probed by
-  distillation from the teacher's soft labels (demo_kd.yaml);
-- PTQ: the teacher is fake-quantised (PSAQ min/max) and calibrated on 32 images of the pool.
+  distillation from the teacher's soft labels (demo_kd.yaml) for a fixed number of SGD steps, the same
+  for every pool (a larger pool is not also a longer training);
+- PTQ: the teacher is fake-quantised at W4 (min/max) and calibrated on 32 images of the pool, at the
+  chosen setting (``ptq_acc_*``) and at the paper's W4/A8 per-channel (``ptq_w4a8_acc_*``).
 Floor and ceiling rows come from the same code and seeds: Gaussian-noise images (floor) and as many
 real MNIST training images (ceiling). A dense-vs-sparse comparison counts only when ceiling - floor is
 at least 0.3 (KD) / 0.1 (PTQ); the gaps are recorded and a warning is printed otherwise.
-Tuning: the KD temperature and the PTQ activation bit width are chosen on the validation split
-(carved from MNIST-5k's training part, disjoint from test) with seed 0, never on test.
+Tuning, on the validation split only (carved from MNIST-5k's training part, disjoint from test): the KD
+temperature and step budget (seed 0), and the PTQ setting -- activation bits 4/6/8 x per-channel or
+per-tensor weights -- with the largest real - noise gap among those where real calibration keeps at least
+half the float accuracy (mean of two calibration draws).
+Equal wall-clock: the inversion's own step time (StepTimer: token drops included, setup and writing the
+pool excluded) of the dense pool buys the sparse run as many more batches as it fits.
 Inverted pools are cached under $LITZOO_CACHE/benchmarks/smi, keyed by a hash of their settings and of
 the code that produces them.
 """
@@ -73,14 +79,38 @@ def scaled_schedule(iterations: int) -> list[int]:
     return [max(1, round(t * iterations / PAPER_ITERATIONS)) for t in PAPER_SCHEDULE]
 
 
+class StepTimer(L.Callback):
+    """Seconds spent in inversion steps: token drops included (listed before the dropping callback, its
+    batch-start hook runs first), setup and writing the pool excluded (``writing``, subtracted).
+
+    On the CPU a step has finished when its hook returns, so a host clock per step syncs nothing."""
+
+    def __init__(self) -> None:
+        self.seconds, self.writing, self._start = 0.0, 0.0, 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: SMIModule, stage: str) -> None:
+        finish = pl_module._finish_batch
+
+        def timed_finish(batch_id: int) -> None:
+            start = time.perf_counter()
+            finish(batch_id)
+            self.writing += time.perf_counter() - start
+
+        pl_module._finish_batch = timed_finish
+
+    def on_train_batch_start(self, *args) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
 def invert(module_args: dict, prune: list[int] | None, out: Path, **overrides) -> float:
-    """Run one inversion (``SMIModule`` + optional ``SparseTokenDropping``); return wall seconds."""
+    """Run one inversion (``SMIModule`` + optional ``SparseTokenDropping``); return its step seconds."""
     module = SMIModule(**{**module_args, **overrides, "output_dir": str(out), "overwrite": True})
-    callbacks = [SparseTokenDropping(prune, 0.7)] if prune else []
-    fit = trainer(max_epochs=1, callbacks=callbacks)
-    start = time.perf_counter()
-    fit.fit(module)
-    return time.perf_counter() - start
+    timer = StepTimer()
+    trainer(max_epochs=1, callbacks=[timer] + ([SparseTokenDropping(prune, 0.7)] if prune else [])).fit(module)
+    return timer.seconds - timer.writing
 
 
 def block_flops(tokens: int, dim: int, depth: int, patch_dim: int, prefix: int) -> float:
@@ -104,7 +134,7 @@ def speed(quick: bool, tmp: Path) -> dict:
     prune = [2, 4, 6, 8] if quick else scaled_schedule(iterations)
     args = dict(teacher="vit_tiny_patch16_224", teacher_kwargs={"num_classes": 1000}, batch_size=batch,
                 iterations=iterations, seed=0)
-    invert(args, prune, tmp / "warmup", iterations=12)  # warm-up: allocator, kernels, imports
+    invert(args, prune, tmp / "warmup", iterations=prune[-1] + 2)  # warm-up: allocator, kernels, imports
     dense = invert(args, None, tmp / "dense")
     sparse = invert(args, prune, tmp / "sparse")
     bound = flop_bound(iterations, prune, 196, dim=192, depth=12, patch_dim=3 * 16 * 16, prefix=1)
@@ -167,12 +197,13 @@ def data(source: str, pool: Path | None, budget: int, seed: int, **kwargs) -> SM
     return SMIDataModule(**{**base, **kwargs})
 
 
-def distil(dm: SMIDataModule, seed: int, epochs: int, temperature: float, split: str) -> float:
+def distil(dm: SMIDataModule, seed: int, steps: int, temperature: float, split: str) -> float:
+    """Test/val accuracy of the linear probe after ``steps`` SGD steps of KD (the same for every pool size)."""
     L.seed_everything(seed, verbose=False)
     args = {**demo_config("demo_kd.yaml")["model"]["init_args"], "teacher_checkpoint": str(stage_weights("demo_teacher.yaml")),
             "student_checkpoint": str(stage_weights("demo_student.yaml")), "temperature": temperature}
     module = SMIDistillationModule(**args)
-    fit = trainer(max_epochs=epochs, limit_val_batches=0, num_sanity_val_steps=0)
+    fit = trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
     fit.fit(module, datamodule=dm)
     return evaluate(module, dm, split)[f"{split}/acc"]
 
@@ -183,9 +214,10 @@ def evaluate(module: L.LightningModule, dm: SMIDataModule, split: str) -> dict:
     return run(module, datamodule=dm, verbose=False)[0]
 
 
-def quantise(dm: SMIDataModule, act_bits: int, split: str) -> tuple[float, float]:
+def quantise(dm: SMIDataModule, setting: tuple[int, str], split: str) -> tuple[float, float]:
+    """Quantised and float accuracy of the teacher at ``setting`` = (activation bits, weight granularity)."""
     args = {**demo_config("demo_ptq.yaml")["model"]["init_args"], "checkpoint": str(stage_weights("demo_teacher.yaml")),
-            "act_bits": act_bits}
+            "act_bits": setting[0], "weight_granularity": setting[1]}
     module = SMIQuantizationModule(**args)
     fit = trainer(max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0)
     fit.fit(module, datamodule=dm)
@@ -208,44 +240,60 @@ def pools_for_seed(args: dict, prune: list[int], seed: int, batches: int, teache
             "sparse_equal_time": (equal_time, more * b, t_equal)}
 
 
-def tune(pools: dict, budget: int, epochs: int, temperatures: list[float], bits: list[int]) -> dict:
-    """Seed-0 choices on the validation split: KD temperature (mean over dense and sparse) and PTQ act bits
-    (largest real - noise gap, i.e. where calibration data matters most)."""
-    kd = {t: statistics.mean(distil(data(s, pools[s][0], budget, 0), 0, epochs, t, "val") for s in ("dense", "sparse"))
-          for t in temperatures}
-    gap = {b: quantise(data("real", None, 32, 0), b, "val")[0] - quantise(data("noise", None, 32, 0), b, "val")[0]
-           for b in bits}
-    return {"kd_temperature": max(kd, key=kd.get), "ptq_act_bits": max(gap, key=gap.get),
-            "val_kd_acc_by_temperature": kd, "val_ptq_gap_by_act_bits": gap}
+def ptq_on_val(setting: tuple[int, str], pool_seeds: tuple[int, ...] = (0, 1)) -> dict:
+    """Validation accuracy of W4 PTQ at ``setting`` calibrated on 32 real and 32 noise images (mean over draws)."""
+    acc = {source: [quantise(data(source, None, 32, seed, batch_size=32), setting, "val") for seed in pool_seeds]
+           for source in ("real", "noise")}
+    real, noise = (statistics.mean(a for a, _ in acc[source]) for source in ("real", "noise"))
+    return {"real": real, "noise": noise, "gap": real - noise, "float": acc["real"][0][1]}
 
 
-def quality(quick: bool) -> tuple[dict, list[dict]]:
+def tune(pools: dict, budget: int, kd_grid: list[tuple[float, int]], settings: list[tuple[int, str]]) -> dict:
+    """Choices on the validation split, never on test: the KD temperature and step budget (seed 0, mean over
+    dense and sparse) and the PTQ setting (activation bits x weight granularity) with the largest real - noise gap among those
+    where real calibration keeps at least half the float accuracy (a collapsed model tells no images apart:
+    the previous round picked A4 by its gap, and on test every calibration set gave chance there)."""
+    kd = {f"T{t}/{n}": statistics.mean(distil(data(s, pools[s][0], budget, 0), 0, n, t, "val") for s in ("dense", "sparse"))
+          for t, n in kd_grid}
+    temperature, steps = max(kd, key=kd.get)[1:].split("/")
+    ptq = {f"A{a}/{g}": ptq_on_val((a, g)) for a, g in settings}
+    usable = [k for k, v in ptq.items() if v["real"] >= 0.5 * v["float"]] or list(ptq)
+    best = max(usable, key=lambda k: ptq[k]["gap"])
+    bits, granularity = best[1:].split("/")
+    return {"kd_temperature": float(temperature), "kd_steps": int(steps), "ptq_act_bits": int(bits), "ptq_weight_granularity": granularity,
+            "val_kd_acc_by_temperature_steps": kd, "val_ptq_by_setting": ptq}
+
+
+def quality(quick: bool, seeds: list[int] | None) -> tuple[dict, list[dict]]:
     cfg = demo_config("demo.yaml")
     teacher = stage_weights("demo_teacher.yaml")
     stage_weights("demo_student.yaml")
     args = {**cfg["model"]["init_args"], "teacher_checkpoint": str(teacher)}
     prune = cfg["trainer"]["callbacks"][0]["init_args"]["prune_iterations"]
-    seeds, batches, iterations, epochs = ([0], 1, 40, 20) if quick else ([0, 1, 2], 1, 200, 40)
+    default_seeds, batches, iterations = ([0], 1, 40) if quick else ([0, 1, 2], 1, 200)
+    seeds = seeds or default_seeds
     args.update(iterations=iterations, batch_size=64, seed=0)
     budget = batches * args["batch_size"]
-    temperatures, bits = ([4.0], [4]) if quick else ([1.0, 4.0, 20.0], [4, 6, 8])
+    kd_grid = [(4.0, 40)] if quick else [(t, n) for t in (1.0, 4.0, 20.0) for n in (20, 80, 320)]
+    settings = [(8, "channel"), (6, "tensor")] if quick else [(a, g) for g in ("channel", "tensor") for a in (4, 6, 8)]
     pools = {seed: pools_for_seed(args, prune, seed, batches, teacher) for seed in tqdm(seeds, desc="inversion")}
-    choice = tune(pools[seeds[0]], budget, epochs, temperatures, bits)
+    choice = tune(pools[seeds[0]], budget, kd_grid, settings)
+    chosen = (choice["ptq_act_bits"], choice["ptq_weight_granularity"])
     raw: list[dict] = []
     for seed in tqdm(seeds, desc="downstream"):
         for source in SOURCES:
             pool, size, seconds = pools[seed].get(source, (None, budget, None))
             calib = 32 if source != "sparse_equal_time" else min(size, round(32 * size / budget))
-            kd = distil(data(source, pool, size, seed), seed, epochs, choice["kd_temperature"], "test")
-            ptq, fp = quantise(data(source, pool, calib, seed, batch_size=calib), choice["ptq_act_bits"], "test")
-            w4a8, _ = quantise(data(source, pool, calib, seed, batch_size=calib), 8, "test")
+            kd = distil(data(source, pool, size, seed), seed, choice["kd_steps"], choice["kd_temperature"], "test")
+            ptq, fp = quantise(data(source, pool, calib, seed, batch_size=calib), chosen, "test")
+            w4a8, _ = quantise(data(source, pool, calib, seed, batch_size=calib), (8, "channel"), "test")
             raw.append({"seed": seed, "source": source, "images": size, "inversion_seconds": seconds,
                         "kd_acc": kd, "ptq_acc": ptq, "ptq_w4a8_acc": w4a8, "teacher_test_acc": fp})
     out: dict = {"quality_setting": {
         "teacher": "demo ViT (embed 96, depth 4, patch 4, 32 px) on MNIST-5k",
         "student": "resnet10t pre-trained on 122 printed-glyph classes (never MNIST), linear probe",
         "images_per_pool": budget, "iterations": iterations, "prune_iterations": prune, "seeds": seeds,
-        "kd_epochs": epochs, "calibration_images": 32, "ptq_weight_bits": 4, **choice,
+        "calibration_images": 32, "ptq_weight_bits": 4, **choice,
         "equal_time_images": {s: pools[s]["sparse_equal_time"][1] for s in seeds},
         "inversion_seconds": {s: {k: v[2] for k, v in pools[s].items()} for s in seeds}}}
     out["teacher_test_acc"] = raw[0]["teacher_test_acc"]
@@ -266,10 +314,11 @@ def demo_summary() -> None:
     budget = 256
     rows = {}
     kd_t = demo_config("demo_kd.yaml")["model"]["init_args"]["temperature"]
-    bits = demo_config("demo_ptq.yaml")["model"]["init_args"]["act_bits"]
+    ptq_args = demo_config("demo_ptq.yaml")["model"]["init_args"]
+    bits, granularity = ptq_args["act_bits"], ptq_args.get("weight_granularity", "channel")
     for source in ("noise", "dense", "sparse", "real"):
-        kd = distil(data(source, pools.get(source), budget, 0), 0, 60, kd_t, "test")
-        ptq, fp = quantise(data(source, pools.get(source), 32, 0, batch_size=32), bits, "test")
+        kd = distil(data(source, pools.get(source), budget, 0), 0, 480, kd_t, "test")  # demo_kd.yaml's 60 epochs
+        ptq, fp = quantise(data(source, pools.get(source), 32, 0, batch_size=32), (bits, granularity), "test")
         rows[source] = (kd, ptq)
     print(f"\nSMI demo on real MNIST-5k test digits (teacher: {fp:.3f})")
     print(f"{'training images':<18}{'KD student acc':>16}{f'PTQ W4/A{bits} acc':>18}")
@@ -292,6 +341,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON to this file (raw rows beside it)")
     parser.add_argument("--skip", choices=["speed", "quality"], help="leave one half out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="quality seeds (default: 0 1 2; --quick: 0)")
     parser.add_argument("--speed-from", type=Path,
                         help="copy the speed rows from an earlier results JSON instead of measuring them "
                              "(recorded as speed_source; for a machine too loaded to time anything)")
@@ -305,7 +355,7 @@ def main() -> None:
     raw: list[dict] = []
     start = time.perf_counter()
     if args.skip != "quality":
-        quality_results, raw = quality(args.quick)
+        quality_results, raw = quality(args.quick, args.seeds)
         results.update(quality_results)
     if args.speed_from:
         earlier = json.loads(args.speed_from.read_text())

@@ -6,7 +6,8 @@ The quantiser Sparse Model Inversion (SMI) calibrates with its inverted images (
 per output channel, activations per tensor with a range recorded on calibration images.
 
 * Weights (every ``nn.Linear`` and ``nn.Conv2d``: patch-embed conv, qkv, proj, fc1, fc2, head):
-  symmetric uniform k-bit per output channel (row of the weight reshaped to ``(C_out, -1)``).
+  symmetric uniform k-bit per output channel (row of the weight reshaped to ``(C_out, -1)``);
+  ``weight_granularity="tensor"`` uses one scale per layer instead (a harder setting, not PSAQ's).
 * Activations: asymmetric uniform k-bit per tensor (:class:`QuantAct`), range = running global
   min/max over all calibration forwards, frozen afterwards. Per-tensor ranges make every
   quantiser valid for any sequence length N, so the model also runs on a token subset.
@@ -86,9 +87,10 @@ def _ste(x: Tensor, x_q: Tensor) -> Tensor:
     return x_q.detach() + (x - x.detach())
 
 
-def fake_quant_weight(w: Tensor, bits: int) -> Tensor:
-    """Symmetric uniform per-output-channel fake quantisation of a weight (row = ``w[c].flatten()``)."""
-    rows = w.detach().reshape(w.shape[0], -1)
+def fake_quant_weight(w: Tensor, bits: int, per_channel: bool = True) -> Tensor:
+    """Symmetric uniform fake quantisation of a weight, one scale per output channel (row =
+    ``w[c].flatten()``, PSAQ) or, with ``per_channel=False``, one scale for the whole tensor (harder)."""
+    rows = w.detach().reshape(w.shape[0] if per_channel else 1, -1)
     q_max = 2 ** (bits - 1) - 1
     # s_c = max(|min_c|, |max_c|) / (2^(k-1) - 1)
     scale = torch.maximum(rows.amin(1).abs(), rows.amax(1).abs()).clamp_min(_EPS) / q_max
@@ -169,8 +171,9 @@ class _QuantWeight(nn.Module):
     (a new tensor or an in-place update, seen through the tensor's version counter).
     """
 
-    def _init_weight_quant(self, bits: int) -> None:
+    def _init_weight_quant(self, bits: int, per_channel: bool) -> None:
         self.bits = _check_bits(bits, "weight_bits")
+        self.per_channel = per_channel
         self.enabled = True
         self._cache: tuple[tuple[int, int, torch.device, torch.dtype], Tensor] | None = None
 
@@ -179,25 +182,26 @@ class _QuantWeight(nn.Module):
         if not self.enabled:
             return w
         if w.requires_grad and torch.is_grad_enabled():
-            return fake_quant_weight(w, self.bits)  # straight-through gradient to the float weight
+            return fake_quant_weight(w, self.bits, self.per_channel)  # straight-through gradient to the float weight
         key = (id(w), w._version, w.device, w.dtype)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, fake_quant_weight(w, self.bits))
+                self._cache = (key, fake_quant_weight(w, self.bits, self.per_channel))
         return self._cache[1]
 
 
 class QuantLinear(_QuantWeight):
-    """``nn.Linear`` with per-output-channel symmetric fake-quantised weights (same parameters).
+    """``nn.Linear`` with symmetric fake-quantised weights (same parameters).
 
     Args:
         linear: The float layer; its ``weight`` and ``bias`` parameters are reused, not copied.
         bits: Weight bit width k in [2, 16].
+        per_channel: One scale per output channel (PSAQ) or one per tensor.
     """
 
-    def __init__(self, linear: nn.Linear, bits: int = 8) -> None:
+    def __init__(self, linear: nn.Linear, bits: int = 8, per_channel: bool = True) -> None:
         super().__init__()
-        self._init_weight_quant(bits)
+        self._init_weight_quant(bits, per_channel)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
 
@@ -205,22 +209,24 @@ class QuantLinear(_QuantWeight):
         return F.linear(x, self.quant_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}"
+        return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}, "
+                f"per_channel={self.per_channel}")
 
 
 class QuantConv2d(_QuantWeight):
-    """``nn.Conv2d`` with per-output-channel symmetric fake-quantised weights (same parameters).
+    """``nn.Conv2d`` with symmetric fake-quantised weights (same parameters).
 
     Args:
         conv: The float layer (``padding_mode="zeros"``); parameters are reused, not copied.
         bits: Weight bit width k in [2, 16].
+        per_channel: One scale per output channel (PSAQ) or one per tensor.
     """
 
-    def __init__(self, conv: nn.Conv2d, bits: int = 8) -> None:
+    def __init__(self, conv: nn.Conv2d, bits: int = 8, per_channel: bool = True) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
             raise TypeError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        self._init_weight_quant(bits)
+        self._init_weight_quant(bits, per_channel)
         self.weight, self.bias = conv.weight, conv.bias
         self.stride, self.padding, self.dilation, self.groups = (
             conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -309,7 +315,8 @@ def _check_supported(model: nn.Module) -> None:
             raise TypeError(f"quantize_vit does not support gated Attention (block {i})")
 
 
-def quantize_vit(model: VisionTransformer, weight_bits: int = 8, act_bits: int = 8) -> VisionTransformer:
+def quantize_vit(model: VisionTransformer, weight_bits: int = 8, act_bits: int = 8,
+                 weight_granularity: str = "channel") -> VisionTransformer:
     """Return a fake-quantised deep copy of a timm ViT/DeiT (the input model is left unchanged).
 
     Every ``nn.Linear``/``nn.Conv2d`` becomes a :class:`QuantLinear`/:class:`QuantConv2d`, each
@@ -320,21 +327,26 @@ def quantize_vit(model: VisionTransformer, weight_bits: int = 8, act_bits: int =
         model: A timm ``VisionTransformer`` (incl. distilled DeiT) with standard pre-norm blocks.
         weight_bits: Weight bit width in [2, 16] (4 and 8 in the papers).
         act_bits: Activation bit width in [2, 16] (8 in the papers).
+        weight_granularity: ``channel`` (one weight scale per output channel, PSAQ) or ``tensor``
+            (one per layer: a harder setting).
 
     Raises:
         TypeError: If ``model`` is not a timm ``VisionTransformer`` or has unsupported blocks.
-        ValueError: If a bit width is outside [2, 16].
+        ValueError: If a bit width is outside [2, 16] or the granularity is unknown.
     """
     _check_supported(model)
+    if weight_granularity not in ("channel", "tensor"):
+        raise ValueError(f"weight_granularity must be 'channel' or 'tensor', got {weight_granularity!r}")
+    per_channel = weight_granularity == "channel"
     _check_bits(weight_bits, "weight_bits")
     _check_bits(act_bits, "act_bits")
     qmodel = copy.deepcopy(model)
     for parent in list(qmodel.modules()):  # weights first, everywhere (shared by the wrappers below)
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, QuantLinear(child, weight_bits))
+                setattr(parent, name, QuantLinear(child, weight_bits, per_channel))
             elif isinstance(child, nn.Conv2d):
-                setattr(parent, name, QuantConv2d(child, weight_bits))
+                setattr(parent, name, QuantConv2d(child, weight_bits, per_channel))
     for i, blk in enumerate(qmodel.blocks):
         qmodel.blocks[i] = QuantBlock(blk, act_bits)
     pe = qmodel.patch_embed

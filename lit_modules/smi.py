@@ -27,9 +27,9 @@ the CE does not change with the world size either. Every rank applies the same A
 tensor, kept-patch indices are all-gathered and the loss that decides the best iterate is all-reduced,
 so every buffer (best images included) is identical everywhere and a checkpoint from rank 0 is complete.
 
-Release differences kept as documentation (docs/methods/smi.md): ``final_mask: reselect`` ranks the
-normalised final images and keeps the tracked count, where the release ranks the de-normalised images
-and keeps int(197 * prod(keep ratios)) = 47 patches (one more than it tracked).
+Release final mask: ``final_mask: reselect`` ranks the normalised final images and keeps the tracked
+count; ``final_mask: release`` ranks the de-normalised images and keeps int(197 * prod(keep ratios)) = 47
+patches (one more than it tracked), as the release does (docs/methods/smi.md).
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ class SMIModule(L.LightningModule):
             computed on, before that step's update); ``last`` reproduces the release, whose best-image
             tracking aliases the live tensor and so returns the last iterate.
         final_mask: ``tracked`` keeps the patches the inversion actually computed on; ``reselect``
-            re-ranks them by a dense forward on the final images (release behaviour; same count).
+            re-ranks them by a dense forward on the final images (same count); ``release`` does what
+            the release does: that forward on the de-normalised images, keeping int((N + 1) * prod of
+            the keep ratios) patches (47 of 196 for the default schedule, one more than tracked).
         output_dir: the pool folder: ``batch_XXXX.pt`` / ``.png``, ``manifest.json`` (what later stages
             read) and a ``README.md`` card (default: ``<run dir>/inverted``).
         overwrite: replace a pool already in ``output_dir``; otherwise a fresh run refuses to start
@@ -116,7 +118,7 @@ class SMIModule(L.LightningModule):
         std: tuple[float, ...] = IMAGENET_STD,
         labels: Literal["random", "balanced"] = "random",
         return_images: Literal["best", "last"] = "best",
-        final_mask: Literal["tracked", "reselect"] = "tracked",
+        final_mask: Literal["tracked", "reselect", "release"] = "tracked",
         output_dir: str | None = None,
         overwrite: bool = False,
         seed: int = 0,
@@ -340,11 +342,10 @@ class SMIModule(L.LightningModule):
             kept = mask.nonzero()[:, 1].view(len(mask), count)
         else:
             x, kept = self.images.detach(), self.kept_index
-        if self._is_vit() and self.hparams.final_mask == "reselect":
-            _, scores = vit_tokens.forward_kept(self.teacher, x, None, return_cls_attention=True)
-            kept = vit_tokens.top_patches(scores, kept.shape[1])
-        dense = not self._is_vit() or kept.shape[1] == self._num_patches()
         mean, std = self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1)
+        if self._is_vit() and self.hparams.final_mask != "tracked" and kept.shape[1] < self._num_patches():
+            kept = self._reselect(x, mean, std, kept.shape[1])
+        dense = not self._is_vit() or kept.shape[1] == self._num_patches()
         pixels = x * std + mean
         if not dense:  # what a later stage sees: dropped patches black, the kept tokens only
             pixel_mask = vit_tokens.patch_mask_to_pixels(kept, vit_tokens.grid_size(self.teacher),
@@ -365,6 +366,17 @@ class SMIModule(L.LightningModule):
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="inverted", images=[str(png)], step=self.global_step)
+
+    def _reselect(self, x: Tensor, mean: Tensor, std: Tensor, tracked: int) -> Tensor:
+        """Kept patches re-ranked by a dense forward on the final images (``final_mask`` != tracked)."""
+        if self.hparams.final_mask == "reselect":
+            _, scores = vit_tokens.forward_kept(self.teacher, x, None, return_cls_attention=True)
+            return vit_tokens.top_patches(scores, tracked)
+        # release: the teacher reads the de-normalised [0, 1] images, and K = int(tokens * prod(ratios))
+        # counts the CLS token among the tokens (197 * 0.7^4 -> 47 where the inversion tracked 46)
+        ratios = next(c for c in self.trainer.callbacks if hasattr(c, "keep_ratios")).keep_ratios
+        _, scores = vit_tokens.forward_kept(self.teacher, x * std + mean, None, return_cls_attention=True)
+        return vit_tokens.top_patches(scores, int((self._num_patches() + 1) * math.prod(ratios)))
 
     def _pool_settings(self) -> dict[str, Any]:
         """What produced the pool, for its manifest and card."""

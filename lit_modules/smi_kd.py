@@ -15,8 +15,10 @@ features that are not the teacher's.
 Speed: for a fixed pool (no augmentation) the frozen teacher's logits and, for a linear probe, the
 frozen student's features depend on the image only, so they are computed once per image when training
 starts (``cache_frozen_outputs``) and each step trains the head on the cached features.
-Release difference (documented, not reproduced): ``test_kt.py`` randomly flips pool images
-horizontally during distillation.
+Release augmentation: ``test_kt.py`` flips pool images horizontally (p = 0.5) during distillation;
+``flip: true`` does the same (kept patch positions mirrored with the image). With the cache, both
+orientations of every image are cached and each step draws one per row. Off by default: the paper does
+not mention it, and digits are not mirror-symmetric.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class SMIDistillationModule(L.LightningModule):
             the masked images densely. A CNN student always reads the masked image densely.
         cache_frozen_outputs: compute the teacher's logits (and a linear probe's features) once per
             pool image at the start of training; needs batches with an ``index`` (SMIDataModule pools).
+        flip: random horizontal flip of each training image with p = 0.5 (the release's ``test_kt.py``).
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class SMIDistillationModule(L.LightningModule):
         weight_decay: float = 1e-4,
         sparse_tokens: bool = True,
         cache_frozen_outputs: bool = True,
+        flip: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -113,6 +117,20 @@ class SMIDistillationModule(L.LightningModule):
     def _tokens(self, batch: dict[str, Tensor]) -> Tensor | None:
         return batch.get("keep_index") if self.hparams.sparse_tokens else None
 
+    def _flip_draw(self, rows: int) -> Tensor:
+        """Which rows to flip: seeded by the step and rank, so resumption and the cache draw the same bits."""
+        gen = torch.Generator(device=self.device).manual_seed(self.global_step * 1009 + self.global_rank)
+        return torch.rand(rows, generator=gen, device=self.device) < 0.5
+
+    def _flipped(self, batch: dict[str, Tensor], flip: Tensor) -> dict[str, Tensor]:
+        """``batch`` with the rows where ``flip`` (B,) is True mirrored, their kept patches with them."""
+        out = dict(batch, image=torch.where(flip.view(-1, 1, 1, 1), batch["image"].flip(-1), batch["image"]))
+        if "keep_index" in batch:
+            grid, patch = vit_tokens.grid_size(self.teacher), self.teacher.patch_embed.patch_size[0]
+            mirrored = vit_tokens.remap_rolled_flipped(batch["keep_index"], grid, patch, (0, 0), True)
+            out["keep_index"] = torch.where(flip.view(-1, 1), mirrored, batch["keep_index"])
+        return out
+
     def _run(self, model: torch.nn.Module, batch: dict[str, Tensor], pre_logits: bool = False) -> Tensor:
         if not isinstance(model, vit_tokens.VisionTransformer):
             return model.forward_head(model.forward_features(batch["image"]), pre_logits=pre_logits)
@@ -125,28 +143,34 @@ class SMIDistillationModule(L.LightningModule):
         loader = self.trainer.train_dataloader
         if not self.hparams.cache_frozen_outputs or not hasattr(loader, "dataset"):
             return
-        cache: dict[str, Tensor] = {}
+        cache: dict[str, Tensor] = {}  # name -> (pool size, orientations, dim)
+        orientations = 2 if self.hparams.flip else 1
         for batch in loader:
             if "index" not in batch:
                 return  # not a pool: compute per step
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            outputs = {"teacher": self._run(self.teacher, batch)}
-            if self.hparams.linear_probe:
-                outputs["features"] = self._run(self.student, batch, pre_logits=True)
-            for name, value in outputs.items():
-                if name not in cache:
-                    cache[name] = value.new_zeros(len(loader.dataset), value.shape[1])
-                cache[name][batch["index"]] = value
+            for o in range(orientations):
+                view = self._flipped(batch, torch.full_like(batch["index"], o, dtype=torch.bool))
+                outputs = {"teacher": self._run(self.teacher, view)}
+                if self.hparams.linear_probe:
+                    outputs["features"] = self._run(self.student, view, pre_logits=True)
+                for name, value in outputs.items():
+                    if name not in cache:
+                        cache[name] = value.new_zeros(len(loader.dataset), orientations, value.shape[1])
+                    cache[name][batch["index"], o] = value
         self._cache = cache
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        flip = self._flip_draw(len(batch["image"])) if self.hparams.flip else None
+        pick = (batch.get("index"), flip.long() if flip is not None else 0)  # cache rows and orientations
+        batch = self._flipped(batch, flip) if flip is not None else batch
         if self._cache is not None:
-            teacher_logits = self._cache["teacher"][batch["index"]]
+            teacher_logits = self._cache["teacher"][pick]
         else:
             with torch.no_grad():
                 teacher_logits = self._run(self.teacher, batch)
         if self._cache is not None and "features" in self._cache:
-            student_logits = self.student.get_classifier()(self._cache["features"][batch["index"]])
+            student_logits = self.student.get_classifier()(self._cache["features"][pick])
         else:
             student_logits = self._run(self.student, batch)
         loss = kd_kl_div(student_logits, teacher_logits, self.hparams.temperature)  # L_KD

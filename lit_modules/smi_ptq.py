@@ -15,7 +15,7 @@ ranges freeze at the end of the epoch, then validation reports quantised and flo
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -37,6 +37,8 @@ class SMIQuantizationModule(L.LightningModule):
         pretrained: load timm's pretrained weights instead.
         weight_bits: weight bit width (paper: 4 or 8).
         act_bits: activation bit width (paper: 8).
+        weight_granularity: ``channel`` (one weight scale per output channel, PSAQ and the paper) or
+            ``tensor`` (one per layer: a harder quantisation, where calibration matters more).
         sparse_tokens: calibrate each image on its kept patches (paper); ``false`` runs the masked
             images densely.
     """
@@ -49,6 +51,7 @@ class SMIQuantizationModule(L.LightningModule):
         pretrained: bool = False,
         weight_bits: int = 4,
         act_bits: int = 8,
+        weight_granularity: Literal["channel", "tensor"] = "channel",
         sparse_tokens: bool = True,
     ) -> None:
         super().__init__()
@@ -58,7 +61,8 @@ class SMIQuantizationModule(L.LightningModule):
                                   checkpoint_key="model.init_args.checkpoint").eval()
         vit_tokens.require_vit(self.model, "model.init_args.model")
         self.model.requires_grad_(False)
-        self.quantized = quantize_vit(self.model, weight_bits=weight_bits, act_bits=act_bits)
+        self.quantized = quantize_vit(self.model, weight_bits=weight_bits, act_bits=act_bits,
+                                      weight_granularity=weight_granularity)
         self._calibrating: contextlib.AbstractContextManager | None = None
         classes = self.model.num_classes
         self.acc = torch.nn.ModuleDict({

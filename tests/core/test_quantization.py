@@ -74,6 +74,22 @@ def test_weight_fake_quant_matches_naive_per_row_loop(bits, shape):
         assert got[c].unique().numel() <= 2**bits - 1
 
 
+def test_per_tensor_weights_share_one_scale_and_quantize_vit_applies_it():
+    w = torch.randn(6, 5)
+    w[0] *= 10.0
+    scale = w.abs().max() / 7
+    expected = torch.clamp(torch.round(w / scale), -8, 7) * scale
+    torch.testing.assert_close(fake_quant_weight(w, 4, per_channel=False), expected, rtol=0, atol=1e-6)
+    assert fake_quant_weight(w, 4, per_channel=False)[1:].unique().numel() < fake_quant_weight(w, 4)[1:].unique().numel()
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, num_classes=3,
+                            depth=1, embed_dim=16, num_heads=2)
+    qmodel = quantize_vit(vit, weight_bits=4, weight_granularity="tensor")
+    fc = qmodel.blocks[0].mlp.fc1
+    torch.testing.assert_close(fc.quant_weight(), fake_quant_weight(fc.weight, 4, per_channel=False))
+    with pytest.raises(ValueError, match="weight_granularity"):
+        quantize_vit(vit, weight_granularity="row")
+
+
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_activation_grid_has_2_pow_k_values_and_round_trips(bits):
     x_min, x_max = torch.tensor(-1.3), torch.tensor(2.1)

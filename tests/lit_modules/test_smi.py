@@ -107,6 +107,15 @@ def test_reselect_ranks_the_final_images_densely(teacher_file, tmp_path) -> None
     assert torch.equal(record["keep_index"], vit_tokens.top_patches(scores, 2))
 
 
+def test_release_final_mask_ranks_de_normalised_images_and_counts_the_cls_token(teacher_file, tmp_path) -> None:
+    module = make(teacher_file, tmp_path, return_images="last", final_mask="release")
+    fit(module)  # tracked: 16 -> 11 -> 7 -> 4 -> 2 patches; release: int(17 * 0.7^4) = 4
+    record = torch.load(tmp_path / "batch_0000.pt", weights_only=True)
+    pixels = module.images.detach() * 0.5 + 0.5
+    _, scores = vit_tokens.forward_kept(module.teacher, pixels, None, return_cls_attention=True)
+    assert torch.equal(record["keep_index"], vit_tokens.top_patches(scores, 4))
+
+
 def test_resume_mid_inversion_equals_an_uninterrupted_run(teacher_file, tmp_path) -> None:
     full = make(teacher_file, tmp_path / "full", num_batches=2, iterations=8)
     fit(full, prune=(2, 4))

@@ -112,6 +112,27 @@ def test_kd_cache_of_frozen_outputs_changes_nothing_but_the_cost(teacher_file) -
     assert heads[0][1] == 4 and heads[1][1] == 12  # 4 batches: once in all vs once per epoch
 
 
+def test_kd_flip_mirrors_images_with_their_patches_and_the_cache_keeps_both_orientations(teacher_file) -> None:
+    heads = []
+    for cache, flip in ((True, True), (False, True), (True, False)):
+        torch.manual_seed(0)
+        module = SMIDistillationModule(teacher="vit_tiny_patch16_224", teacher_kwargs=VIT,
+                                       teacher_checkpoint=teacher_file, student="vit_tiny_patch16_224",
+                                       student_kwargs=VIT, lr=0.5, cache_frozen_outputs=cache, flip=flip)
+        trainer(max_epochs=3, num_sanity_val_steps=0, limit_val_batches=0).fit(module, datamodule=Data())
+        heads.append(module.student.head.weight.detach().clone())
+    torch.testing.assert_close(heads[0], heads[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(heads[0], heads[2])
+    batch = next(iter(Data().train_dataloader()))
+    flipped = module._flipped(batch, torch.arange(8) % 2 == 0)
+    assert torch.equal(flipped["image"][0], batch["image"][0].flip(-1))
+    assert torch.equal(flipped["image"][1], batch["image"][1])
+    cols = batch["keep_index"][0] % 4
+    assert torch.equal(flipped["keep_index"][0] % 4, 3 - cols)  # column c -> 3 - c on the 4 x 4 grid
+    assert torch.equal(flipped["keep_index"][0] // 4, batch["keep_index"][0] // 4)
+    assert torch.equal(flipped["keep_index"][1], batch["keep_index"][1])
+
+
 def test_kd_moves_the_student_towards_the_teacher(teacher_file) -> None:
     module = SMIDistillationModule(teacher="vit_tiny_patch16_224", teacher_kwargs=VIT, teacher_checkpoint=teacher_file,
                                    student="vit_tiny_patch16_224", student_kwargs=VIT, linear_probe=False,
