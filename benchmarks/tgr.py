@@ -47,7 +47,12 @@ from core.heterogeneity_figure import heterogeneity_figure
 from core.maml import maml_accuracy, protonet_accuracy, transductive
 from core.model_zoo import combine_zoos, read_manifest
 from core.packaged_models import default_cache_dir
-from core.task_similarity import mean_within_group, normalised_cosine_similarity, pairwise_similarity_loop, stack_embeddings
+from core.task_similarity import (
+    mean_within_group,
+    normalised_cosine_similarity,
+    pairwise_similarity_loop,
+    stack_embeddings,
+)
 from datamodules.model_zoo import ZooData
 from datamodules.tgr import TGRData
 from lit_modules.model_zoo import ZooModule

@@ -60,6 +60,8 @@ from timm.layers import Attention, Mlp, maybe_add_mask, resolve_self_attn_mask
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from core.fake_quant import act_qparams, check_bits, fake_quant_act, fake_quant_weight
+
 __all__ = [
     "QuantAct",
     "QuantAttention",
@@ -72,48 +74,6 @@ __all__ = [
     "fake_quant_weight",
     "quantize_vit",
 ]
-
-_EPS = 1e-8
-
-
-def _check_bits(bits: int, name: str) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-        raise ValueError(f"{name} must be an integer in [2, 16], got {bits!r}")
-    return bits
-
-
-def _ste(x: Tensor, x_q: Tensor) -> Tensor:
-    """Forward value ``x_q`` exactly, gradient of the identity (straight-through estimator)."""
-    return x_q.detach() + (x - x.detach())
-
-
-def fake_quant_weight(w: Tensor, bits: int, per_channel: bool = True) -> Tensor:
-    """Symmetric uniform fake quantisation of a weight, one scale per output channel (row =
-    ``w[c].flatten()``, PSAQ) or, with ``per_channel=False``, one scale for the whole tensor (harder)."""
-    rows = w.detach().reshape(w.shape[0] if per_channel else 1, -1)
-    q_max = 2 ** (bits - 1) - 1
-    # s_c = max(|min_c|, |max_c|) / (2^(k-1) - 1)
-    scale = torch.maximum(rows.amin(1).abs(), rows.amax(1).abs()).clamp_min(_EPS) / q_max
-    scale = scale.reshape(-1, *([1] * (w.dim() - 1)))
-    # q = clamp(round(w / s), -2^(k-1), 2^(k-1) - 1);  w_hat = q * s
-    q = torch.clamp(torch.round(w.detach() / scale), -q_max - 1, q_max)
-    return _ste(w, q * scale)
-
-
-def act_qparams(x_min: Tensor, x_max: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Scale and zero point of the asymmetric k-bit grid over ``[x_min, x_max]``."""
-    # s = (max - min) / (2^k - 1);  z = round(-min / s)
-    scale = (x_max - x_min).clamp_min(_EPS) / (2**bits - 1)
-    return scale, torch.round(-x_min / scale)
-
-
-def fake_quant_act(x: Tensor, x_min: Tensor, x_max: Tensor, bits: int) -> Tensor:
-    """Asymmetric uniform per-tensor fake quantisation of ``x`` on the grid of ``[x_min, x_max]``."""
-    scale, zero = act_qparams(x_min.to(x.dtype), x_max.to(x.dtype), bits)
-    # q = clamp(round(x / s) + z, 0, 2^k - 1);  x_hat = (q - z) * s
-    q = torch.clamp(torch.round(x.detach() / scale) + zero, 0, 2**bits - 1)
-    return _ste(x, (q - zero) * scale)
-
 
 class QuantAct(nn.Module):
     """Per-tensor asymmetric activation fake quantiser with a recorded min/max range.
@@ -130,7 +90,7 @@ class QuantAct(nn.Module):
 
     def __init__(self, bits: int = 8) -> None:
         super().__init__()
-        self.bits = _check_bits(bits, "act_bits")
+        self.bits = check_bits(bits, "act_bits")
         self.recording = False
         self.name = ""  # set by quantize_vit, for error messages
         self.register_buffer("x_min", torch.tensor(float("inf")))
@@ -172,7 +132,7 @@ class _QuantWeight(nn.Module):
     """
 
     def _init_weight_quant(self, bits: int, per_channel: bool) -> None:
-        self.bits = _check_bits(bits, "weight_bits")
+        self.bits = check_bits(bits, "weight_bits")
         self.per_channel = per_channel
         self.enabled = True
         self._cache: tuple[tuple[int, int, torch.device, torch.dtype], Tensor] | None = None
@@ -338,8 +298,8 @@ def quantize_vit(model: VisionTransformer, weight_bits: int = 8, act_bits: int =
     if weight_granularity not in ("channel", "tensor"):
         raise ValueError(f"weight_granularity must be 'channel' or 'tensor', got {weight_granularity!r}")
     per_channel = weight_granularity == "channel"
-    _check_bits(weight_bits, "weight_bits")
-    _check_bits(act_bits, "act_bits")
+    check_bits(weight_bits, "weight_bits")
+    check_bits(act_bits, "act_bits")
     qmodel = copy.deepcopy(model)
     for parent in list(qmodel.modules()):  # weights first, everywhere (shared by the wrappers below)
         for name, child in list(parent.named_children()):

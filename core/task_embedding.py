@@ -74,7 +74,7 @@ def batch_fisher(probe: nn.Module, images: Tensor, labels: Tensor, batch_size: i
     batches = order.split(batch_size)
     for idx in batches:
         loss = F.cross_entropy(net(images[idx]), labels[idx])
-        for (k, s), g in zip(sums.items(), torch.autograd.grad(loss, list(params.values()))):
+        for s, g in zip(sums.values(), torch.autograd.grad(loss, list(params.values()))):
             s.add_(g.square())
     return {k: s / len(batches) for k, s in sums.items()}
 

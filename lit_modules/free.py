@@ -12,7 +12,7 @@ classes, 600 episodes, mean and 95 % CI.
 
 Equations -> code:
     x = G_i(z), G_i adapted to teacher i in 5 steps on L_inv          -> ``core.meta_generator.adapt_generator``
-    L_inv = CE(T_i(A(x)), y) + adv L_adv(S, T_i)  (adv after warm-up) -> ``lit_modules.free_parts.inversion_loss``
+    L_inv = CE(T_i(A(x)), y) + adv L_adv(S, T_i)  (adv after warm-up) -> ``core.dfml_losses.inversion_loss``
     grad G <- sum_i grad L_inv(G_i^(4)) (first-order meta-update)     -> ``_recover``
     theta <- theta - eta alpha (theta - theta_seq), KD steps per teacher -> ``_align`` (rule of the callback)
     MAML replay: theta' = theta - beta grad CE_support; CE_query(theta') -> ``_replay`` / ``core.maml.maml_query``
@@ -27,8 +27,6 @@ Model selection is on meta-val (``FewShotEpisodes.val_split``; ``meta_test`` is 
 
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,20 +36,20 @@ from torch import Tensor
 from torch.func import functional_call
 
 from core.conv4 import Conv4
-from core.dfml_losses import distill
-from core.episodes import mean_ci95
+from core.dfml_losses import distill, inversion_loss
+from core.episodic_evaluation import EpisodicEvaluation
 from core.gradient_alignment import mean_gradient
-from core.maml import adapt, maml_accuracy, maml_query, protonet_accuracy, transductive
+from core.maml import adapt, maml_query, transductive
 from core.meta_generator import Generator, adapt_generator
 from core.model_zoo import load_zoo
 from core.rng import keyed_generator
 from core.run_dir import run_directory
 from core.task_pool import TaskPool
 from core.tensor_augment import random_crop_flip
-from lit_modules.free_parts import inversion_loss, save_recovered_grid
+from lit_modules.free_parts import save_recovered_grid
 
 
-class FREEModule(L.LightningModule):
+class FREEModule(EpisodicEvaluation, L.LightningModule):
     """Data-free meta-learning from a model zoo with a meta-generator, gradient alignment and a task pool.
 
     Args:
@@ -136,12 +134,10 @@ class FREEModule(L.LightningModule):
         n_classes = meta.get("n_classes", int(self.classes.max()) + 1)
         self.pool = TaskPool(n_classes, pool_capacity, pool_quantize)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
-        self.best_val, self.best_state = -1.0, copy.deepcopy(self.learner.state_dict())
+        self.init_selection()
         self.gradient_rule: Any = None
         self._stale: dict[str, Tensor] | None = None
         self._last_images: list[Tensor] = []
-        self._eval_acc: list[Tensor] = []
-        self.test_accuracies: Tensor | None = None
 
     def train(self, mode: bool = True) -> FREEModule:
         super().train(mode)
@@ -280,47 +276,11 @@ class FREEModule(L.LightningModule):
     def on_train_end(self) -> None:
         self._picture("recovered_final")
 
-    def _episode_accuracy(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        support, query = batch
-        if self.hparams.evaluation == "protonet":
-            return protonet_accuracy(self.learner.features, support, query)
-        with torch.inference_mode(False), torch.enable_grad():
-            return maml_accuracy(self.learner, support, query, self.hparams.test_steps, self.hparams.test_lr)
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_acc = []
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_acc.append(self._episode_accuracy(batch))
-
-    def on_validation_epoch_end(self) -> None:
-        mean, ci = mean_ci95(torch.cat(self._eval_acc).cpu())
-        self.log_dict({"val/acc": mean, "val/acc_ci95": ci})
-        if not self.trainer.sanity_checking and mean > self.best_val:  # model selection on the val episodes
-            self.best_val, self.best_state = mean, copy.deepcopy(self.learner.state_dict())
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_acc = []
-        if self.best_val >= 0:
-            self.learner.load_state_dict(self.best_state)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_acc.append(self._episode_accuracy(batch))
-
-    def on_test_epoch_end(self) -> None:
-        self.test_accuracies = torch.cat(self._eval_acc).cpu()
-        mean, ci = mean_ci95(self.test_accuracies)
-        self.log_dict({"test/acc": mean, "test/acc_ci95": ci})
-        out = self._run_dir() / "test_episode_accuracies.json"
-        if self.trainer.is_global_zero:  # every episode's accuracy, so the numbers can be re-scored
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"mean": mean, "ci95": ci, "accuracies": self.test_accuracies.tolist()}))
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["free"] = {"pool": self.pool.state_dict(), "best_val": self.best_val,
-                              "best_state": self.best_state, "stale": self._stale}
+        checkpoint["free"] = {"pool": self.pool.state_dict(), **self.selection_state(), "stale": self._stale}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["free"]
         self.pool.load_state_dict(state["pool"])
-        self.best_val, self.best_state, self._stale = state["best_val"], state["best_state"], state["stale"]
+        self.load_selection_state(state)
+        self._stale = state["stale"]

@@ -25,9 +25,6 @@ Release behaviour as flags: ``release_kl`` (probabilities passed to ``kl_div`` i
 
 from __future__ import annotations
 
-import copy
-import json
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -36,22 +33,21 @@ from torch import Tensor
 from torch.func import functional_call
 
 from core.conv4 import Conv4
-from core.dfml_losses import distill
-from core.episodes import mean_ci95
+from core.dfml_losses import distill, inversion_loss
+from core.episodic_evaluation import EpisodicEvaluation
 from core.gradient_alignment import mean_gradient
-from core.maml import maml_accuracy, maml_query, protonet_accuracy, transductive
+from core.maml import maml_query, transductive
 from core.model_zoo import load_zoo
 from core.rng import keyed_generator
 from core.run_dir import run_directory
 from core.task_pool import TaskPool
-from core.tensor_augment import random_crop_flip
 from core.task_similarity import group_models, mean_within_group
 from core.teacher_inversion import fresh_generator, invert
-from lit_modules.free_parts import inversion_loss
+from core.tensor_augment import random_crop_flip
 from lit_modules.tgr_parts import zoo_similarity
 
 
-class TGRModule(L.LightningModule):
+class TGRModule(EpisodicEvaluation, L.LightningModule):
     """Data-free meta-learning from a heterogeneous zoo by task groupings and gradient regularisation.
 
     Args:
@@ -149,10 +145,8 @@ class TGRModule(L.LightningModule):
         self.similarity: Tensor | None = None
         self.cosine_curve: list[tuple[int, float]] = []
         self.within_group_similarity = float("nan")
-        self.best_val, self.best_state = -1.0, copy.deepcopy(self.learner.state_dict())
+        self.init_selection()
         self.gradient_rule: Any = None
-        self._eval_acc: list[Tensor] = []
-        self.test_accuracies: Tensor | None = None
 
     def train(self, mode: bool = True) -> TGRModule:
         super().train(mode)
@@ -285,48 +279,12 @@ class TGRModule(L.LightningModule):
             if hasattr(logger, "log_image"):
                 logger.log_image(key="heterogeneity", images=[str(png)], step=self.global_step)
 
-    def _episode_accuracy(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        support, query = batch
-        if self.hparams.evaluation == "protonet":
-            return protonet_accuracy(self.learner.features, support, query)
-        with torch.inference_mode(False), torch.enable_grad():
-            return maml_accuracy(self.learner, support, query, self.hparams.test_steps, self.hparams.test_lr)
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_acc = []
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_acc.append(self._episode_accuracy(batch))
-
-    def on_validation_epoch_end(self) -> None:
-        mean, ci = mean_ci95(torch.cat(self._eval_acc).cpu())
-        self.log_dict({"val/acc": mean, "val/acc_ci95": ci})
-        if not self.trainer.sanity_checking and mean > self.best_val:  # model selection on meta-val
-            self.best_val, self.best_state = mean, copy.deepcopy(self.learner.state_dict())
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_acc = []
-        if self.best_val >= 0:
-            self.learner.load_state_dict(self.best_state)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_acc.append(self._episode_accuracy(batch))
-
-    def on_test_epoch_end(self) -> None:
-        self.test_accuracies = torch.cat(self._eval_acc).cpu()
-        mean, ci = mean_ci95(self.test_accuracies)
-        self.log_dict({"test/acc": mean, "test/acc_ci95": ci})
-        out = Path(run_directory(self.trainer)) / "test_episode_accuracies.json"
-        if self.trainer.is_global_zero:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"mean": mean, "ci95": ci, "accuracies": self.test_accuracies.tolist()}))
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["tgr"] = {"pool": self.pool.state_dict(), "best_val": self.best_val, "best_state": self.best_state,
+        checkpoint["tgr"] = {"pool": self.pool.state_dict(), **self.selection_state(),
                              "groups": self.groups, "similarity": self.similarity, "cosine_curve": self.cosine_curve}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["tgr"]
         self.pool.load_state_dict(state["pool"])
-        self.best_val, self.best_state = state["best_val"], state["best_state"]
+        self.load_selection_state(state)
         self.groups, self.similarity, self.cosine_curve = state["groups"], state["similarity"], state["cosine_curve"]

@@ -204,7 +204,7 @@ def test_several_steps_are_successive_ascents() -> None:
         unlearn_once(once, RefreshLearning(delta=1e-2, noise_scale=0.0), batch)
     single = ToyModule()
     unlearn_once(single, RefreshLearning(delta=1e-2, noise_scale=0.0), batch)
-    for a, b, c in zip(twice.parameters(), once.parameters(), single.parameters()):
+    for a, b in zip(twice.parameters(), once.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
     assert not torch.allclose(twice.body[0].weight, single.body[0].weight)
 
@@ -214,7 +214,7 @@ def test_unlearn_loss_chooses_which_loss_the_module_is_asked_for() -> None:
     for mode, wanted in (("ce", False), ("objective", True)):
         module, asked = ToyModule(), []
         plain = module.refresh_loss
-        module.refresh_loss = lambda b, objective: (asked.append(objective), plain(b, objective))[1]
+        module.refresh_loss = lambda b, objective, asked=asked, plain=plain: (asked.append(objective), plain(b, objective))[1]
         unlearn_once(module, RefreshLearning(delta=1e-3, unlearn_loss=mode), batch)
         assert asked == [wanted]
 

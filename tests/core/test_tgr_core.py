@@ -15,8 +15,13 @@ from core.model_zoo import ZooTeacher, combine_zoos, load_zoo, save_zoo
 from core.resnet import ResNet
 from core.stacked_resnet import StackedResNet
 from core.task_embedding import batch_fisher, check_probe_labels, teacher_embedding
-from core.task_similarity import (group_models, mean_within_group, normalised_cosine_similarity,
-                                  pairwise_similarity_loop, stack_embeddings)
+from core.task_similarity import (
+    group_models,
+    mean_within_group,
+    normalised_cosine_similarity,
+    pairwise_similarity_loop,
+    stack_embeddings,
+)
 from core.teacher_inversion import fresh_generator, invert
 
 
