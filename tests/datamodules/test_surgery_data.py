@@ -20,10 +20,10 @@ def test_demo_tasks_have_distinct_label_spaces_and_disjoint_mnist_halves() -> No
     images, _ = mnist5k()
     flat = torch.nn.functional.interpolate(images, size=32, mode="bilinear", antialias=True).clamp(0, 1).flatten(1)
     digits, rotated = demo_task("mnist"), demo_task("rotation")
-    assert len(digits["train"][0]) + len(digits["test"][0]) == 2500
+    assert sum(len(digits[split][0]) for split in ("train", "val", "test")) == 2500
     # rotation 0 images are unrotated MNIST digits, and none of them is in the digit-class half
     upright = rotated["test"][0][rotated["test"][1] == 0].flatten(1)
-    half = torch.cat([digits["train"][0], digits["test"][0]]).flatten(1)
+    half = torch.cat([digits[split][0] for split in ("train", "val", "test")]).flatten(1)
     assert torch.cdist(upright[:20], flat).min(1).values.max() < 0.05
     assert torch.cdist(upright[:20], half).min(1).values.min() > 1.0
 
