@@ -329,7 +329,9 @@ def main() -> None:
         raw.append(run_seed(args, seed, seed, adapter, judge, sink, keep))
         if args.out:
             write_raw(args.out, raw, sink)
-    results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    if args.merge and args.out:  # the merged per-seed values and every generation, next to the JSON
+        write_raw(args.out, raw, sink)
+    results = {"settings": json.loads(json.dumps(vars(args), default=str)),  # paths as strings
                "aligned_adapter": Path(adapter).parent.name, **summarise(args, raw, judge_stats),
                "held_out_harmful_prompts": args.num_eval * len(args.seeds)}
     results["wall_s"] = sum(r["wall_s"] for r in raw) if args.merge else round(time.perf_counter() - start, 1)
