@@ -109,6 +109,16 @@ def load_zoo(path: str | Path, key: str = "zoo", check_hash: bool = True) -> tup
     return models, teachers, meta
 
 
+def distilled_shape(teachers: list[ZooTeacher], replay_n_way: int) -> tuple[int, int, int]:
+    """``(classes, channels, image_size)`` of a zoo's teachers, for a meta-learner whose ``replay_n_way``-way
+    head distils them (free, tgr); a head of another size is refused."""
+    kwargs = teachers[0].arch_kwargs
+    if replay_n_way != kwargs["num_classes"]:
+        raise ValueError(f"model.init_args.replay_n_way={replay_n_way} must equal the teachers' class count "
+                         f"{kwargs['num_classes']} (the meta-learner's head distils them)")
+    return kwargs["num_classes"], kwargs["in_channels"], kwargs["image_size"]
+
+
 def combine_zoos(parts: list[str | Path], directory: str | Path, overwrite: bool = False) -> Path:
     """One zoo from several (a multi-domain or multi-architecture zoo); returns the new manifest.
 

@@ -41,7 +41,7 @@ from core.episodic_evaluation import EpisodicEvaluation
 from core.gradient_alignment import mean_gradient
 from core.maml import adapt, maml_query, transductive
 from core.meta_generator import Generator, adapt_generator
-from core.model_zoo import load_zoo
+from core.model_zoo import distilled_shape, load_zoo
 from core.rng import keyed_generator
 from core.run_dir import run_directory
 from core.task_pool import TaskPool
@@ -119,12 +119,7 @@ class FREEModule(EpisodicEvaluation, L.LightningModule):
         if not 0 <= holdout_teachers <= len(teachers) - teachers_per_step:
             raise ValueError(f"model.init_args.holdout_teachers={holdout_teachers} leaves fewer than "
                              f"teachers_per_step={teachers_per_step} of the zoo's {len(teachers)} teachers")
-        kwargs = self.records[0].arch_kwargs
-        self.n_classes_teacher = kwargs["num_classes"]
-        if replay_n_way != self.n_classes_teacher:
-            raise ValueError(f"model.init_args.replay_n_way={replay_n_way} must equal the teachers' class count "
-                             f"{self.n_classes_teacher} (the meta-learner's head distils them)")
-        self.channels, self.image_size = kwargs["in_channels"], kwargs["image_size"]
+        self.n_classes_teacher, self.channels, self.image_size = distilled_shape(self.records, replay_n_way)
         self.teachers = torch.nn.ModuleList(teachers)
         self.register_buffer("classes", torch.tensor([r.classes for r in self.records]), persistent=False)
         with torch.random.fork_rng(devices=[]):  # initial weights depend on rng_seed only, not on the global RNG
