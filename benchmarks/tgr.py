@@ -16,7 +16,7 @@ Rows per zoo: ``tgr`` (heterogeneous groups, displacement alpha), ``homogeneous`
 (primary: every row is cheap to score at 600) and MAML fine-tuning (10 steps, lr 0.01, transductive BN)
 on the first ``maml_episodes`` (50) of them. One training seed per row (the CI is over episodes).
 
-Scale (one CPU core, sized for a shared machine at load ~15 on 2 cores): 6 steps of 3 teachers, 10 inversion steps of 40 images each, 2 replay
+Scale (one CPU core, sized for a shared machine at load ~15 on 2 cores): 6 steps of 3 teachers, 10 inversion steps of 50 images each, 2 replay
 meta-batches of 4 episodes (the release: 1200 steps, 4 teachers, 200 inversion steps of 150 images,
 replay until patience); embedding from 100 images per teacher after 15 inversion steps.
 
@@ -69,7 +69,10 @@ FULL = dict(size=16, teachers=16, part=8, side=4, zoo_per_class=60, zoo_epochs=1
 QUICK = dict(size=16, teachers=8, part=4, side=2, zoo_per_class=30, zoo_epochs=2, resnet_width=8, steps=4,
              warmup=1, val_every=2, val_episodes=20, test_episodes=60, maml_episodes=20, replay_batches=1,
              episode_batch=2, holdout=0, seed=0, similarity_n=20)
-TGR_ARGS = dict(hidden=32, nz=64, ngf=16, n_groups=4, teachers_per_step=3, images_per_class=8, inversion_steps=10,
+# images_per_class = k + q: each teacher's recovered batch alone fills a 5-way replay episode, as in the release
+# (30 per class >= 5 + 15). With 8, replay needed classes shared by the step's teachers and failed on
+# homogeneous multi-domain groups (disjoint MNIST/digits classes).
+TGR_ARGS = dict(hidden=32, nz=64, ngf=16, n_groups=4, teachers_per_step=3, images_per_class=10, inversion_steps=10,
                 augment_flip=False, outer_lr=5e-3, replay_k_shot=5, replay_q_query=5, replay_patience=0,
                 pool_capacity=100, probe="conv4", probe_epochs=10, fisher="batch", embedding_images_per_class=20,
                 embedding_steps=15, evaluation="protonet", cosine_every=4)
