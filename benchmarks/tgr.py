@@ -14,14 +14,18 @@ Rows per zoo: ``tgr`` (heterogeneous groups, displacement alpha), ``homogeneous`
 (``benchmarks.free``'s FREE row on the same zoo, as many steps). Floor ``random_init`` and ceiling
 ``real_data`` (MAML on real meta-train episodes) are zoo-independent. Scores: ProtoNet on 600 episodes
 (primary: every row is cheap to score at 600) and MAML fine-tuning (10 steps, lr 0.01, transductive BN)
-on the first ``maml_episodes`` (50) of them. One training seed per row (the CI is over episodes).
+on the first ``maml_episodes`` (50) of them. ``--seed`` sets the training seed of every row (the zoos and
+the probe are shared by all seeds); ``--merge`` pools seeds, and the CI is over all their episodes.
 
 Scale (one CPU core, sized for a shared machine at load ~15 on 2 cores): 6 steps of 3 teachers, 10 inversion steps of 50 images each, 2 replay
 meta-batches of 4 episodes (the release: 1200 steps, 4 teachers, 200 inversion steps of 150 images,
 replay until patience); embedding from 100 images per teacher after 15 inversion steps.
 
-    python benchmarks/tgr.py              # full run
+    python benchmarks/tgr.py              # full run, training seed 0
     python benchmarks/tgr.py --quick      # smoke run
+    # three training seeds, one process each, then one JSON:
+    python benchmarks/tgr.py --seed 1 --out runs/tgr_s1/tgr.json   (etc.)
+    python benchmarks/tgr.py --merge runs/tgr_s0/tgr_raw.json runs/tgr_s1/tgr_raw.json ... --out benchmarks/results/tgr.json
 
 Writes ``benchmarks/results/tgr.json``, ``tgr_raw.json`` (every episode accuracy, groups, similarity
 matrices, validation and gradient-cosine curves) and ``tgr_heterogeneity_<zoo>.png``. Zoos, probe and
@@ -144,7 +148,7 @@ def train_tgr(zoo: Path, cfg: dict, row: str) -> tuple[TGRModule, dict]:
     torch.manual_seed(cfg["seed"])
     callbacks = [Curve()] + ([GradientAlignment(mode="displacement", alpha=ALPHA)] if regularised else [])
     start = time.perf_counter()
-    run_dir = Path("runs/benchmarks/tgr") / f"{'quick' if cfg is QUICK else 'full'}_{zoo.name}_{row}"
+    run_dir = Path("runs/benchmarks/tgr") / f"{'quick' if cfg['quick'] else 'full'}_{zoo.name}_{row}_seed{cfg['seed']}"
     _quiet_trainer(max_epochs=cfg["steps"] // cfg["val_every"], callbacks=callbacks,
                    default_root_dir=str(run_dir)).fit(module, datamodule=data)
     seconds = time.perf_counter() - start
@@ -174,7 +178,8 @@ def summarise(raw: dict) -> dict:
     for zoo, rows in raw["rows"].items():
         acc[zoo], acc_maml[zoo] = {}, {}
         for row, shots in rows.items():
-            acc[zoo][row] = {s: dict(zip(("mean", "ci95"), mean_ci95(v["protonet"]))) for s, v in shots.items()}
+            acc[zoo][row] = {s: {**dict(zip(("mean", "ci95"), mean_ci95(v["protonet"]))),
+                                 **({"seed_means": v["seed_means"]} if "seed_means" in v else {})} for s, v in shots.items()}
             acc_maml[zoo][row] = {s: dict(zip(("mean", "ci95"), mean_ci95(v["maml"]))) for s, v in shots.items()}
     out = {"acc": acc, "acc_maml": acc_maml}
     if "floor" in acc and "ceiling" in acc:
@@ -192,14 +197,48 @@ def summarise(raw: dict) -> dict:
     return out
 
 
+def merge(paths: list[Path], out: Path) -> dict:
+    """One JSON from runs of the same mode on different training seeds (one process each): every row's
+    episode accuracies pooled over seeds (the CI is over all episodes), the per-seed ProtoNet means kept."""
+    raws = [json.loads(p.read_text()) for p in paths]
+    first = json.loads(paths[0].with_name(paths[0].name.replace("_raw.json", ".json")).read_text())
+    merged = {**raws[0], "rows": {}, "seeds": [r["config"]["seed"] for r in raws], "per_seed_training": {}}
+    for raw in raws:
+        merged["per_seed_training"][raw["config"]["seed"]] = raw["training"]
+    for zoo, rows in raws[0]["rows"].items():
+        for row, shots in rows.items():
+            merged["rows"].setdefault(zoo, {})[row] = {shot: {
+                kind: [a for raw in raws for a in raw["rows"][zoo][row][shot][kind]] for kind in ("protonet", "maml")}
+                for shot in shots}
+            for shot in shots:
+                per_seed = [raw["rows"][zoo][row][shot]["protonet"] for raw in raws]
+                merged["rows"][zoo][row][shot]["seed_means"] = [sum(v) / len(v) for v in per_seed]
+    keep = ("similarity_speedup", "similarity_seconds", "similarity_loop_seconds", "similarity_n",
+            "similarity_max_abs_diff", "teacher_accuracy_mean", "alpha")
+    result = {"quick": first["quick"], **{k: first[k] for k in keep}, **summarise(merged), "seeds": merged["seeds"],
+              "wall_seconds_per_seed": [json.loads(p.with_name(p.name.replace("_raw.json", ".json")).read_text())
+                                        ["wall_seconds"] for p in paths],
+              "config": {**first["config"], "seed": merged["seeds"]}, "merged_from": [str(p) for p in paths]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    out.with_name(out.stem + "_raw.json").write_text(json.dumps(merged))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (minutes)")
     parser.add_argument("--out", type=Path, default=RESULTS / "tgr.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every row (zoos and probe are shared)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="pool these raw files of runs on different --seed (same mode) into --out")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     torch.set_num_threads(args.threads)
-    cfg = QUICK if args.quick else FULL
+    cfg = {**(QUICK if args.quick else FULL), "seed": args.seed, "quick": args.quick}
     t0 = time.perf_counter()
     zoos = build_zoos(cfg)
     free_cfg = {**cfg, "steps": cfg["steps"], "val_every": cfg["val_every"]}
