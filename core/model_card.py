@@ -18,7 +18,7 @@ from core.atomic_write import atomic_write_bytes
 def write_model_card(folder: Path, title: str, summary: str, base_model: str | None = None,
                      data: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
                      config: dict[str, Any] | None = None, tags: list[str] | None = None,
-                     usage: str | None = None) -> Path:
+                     usage: str | None = None, sections: dict[str, str] | None = None) -> Path:
     """Write ``folder/README.md`` and return its path.
 
     Args:
@@ -31,6 +31,7 @@ def write_model_card(folder: Path, title: str, summary: str, base_model: str | N
         config: the run's resolved settings (written as YAML).
         tags: front-matter tags.
         usage: a code snippet that loads the weights.
+        sections: further ``heading -> markdown`` sections (e.g. a per-task results table), after the metrics.
     """
     front = {"library_name": "litzoo", "tags": ["litzoo", *(tags or [])]}
     if base_model:
@@ -43,6 +44,8 @@ def write_model_card(folder: Path, title: str, summary: str, base_model: str | N
     if metrics:
         lines += ["## Metrics (end of the run)", "", "| metric | value |", "|---|---|",
                   *(f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items())), ""]
+    for heading, body in (sections or {}).items():
+        lines += [f"## {heading}", "", body.strip(), ""]
     if config:
         lines += ["## Configuration", "", "```yaml", yaml.safe_dump(json.loads(json.dumps(config, default=str)),
                                                                      sort_keys=False).strip(), "```", ""]

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from core.model_card import write_model_card
 from core.timm_models import export_weights
 
 
@@ -75,22 +76,24 @@ def plot_table(rows: Mapping[str, Mapping[str, float]], path: str | Path, title:
     return Path(path)
 
 
-def _card(module: nn.Module, report: Mapping[str, Any]) -> str:
+def _card(module: nn.Module, report: Mapping[str, Any], folder: Path) -> Path:
     hp = module.hparams
-    lines = [f"# Surgery {hp.version} on a {hp.merge} merge", "",
-             "Representation Surgery (Yang et al., ICML 2024) / SurgeryV2 (arXiv 2410.14389), trained by litzoo.", "",
-             f"- encoder: `{hp.model}` {json.dumps(hp.model_kwargs or {})}",
-             f"- merge: `{hp.merge}` (scaling {hp.scaling}; merged checkpoint {hp.merged_checkpoint})",
-             f"- surgery: version {hp.version}, rank {hp.rank}, correct {hp.correct}, lr {hp.lr}",
-             f"- tasks (test split used without labels to adapt; transductive, as in the papers): {', '.join(module.tasks)}",
-             f"- frozen towers (state hashes): {json.dumps(module._hashes)}", "",
-             "| task | plain merge | + surgery | expert |", "|---|---|---|---|"]
-    for task, r in report.items():
-        lines.append(f"| {task} | {r['plain']['acc']:.3f} | {r['corrected']['acc']:.3f} | {r['expert']['acc']:.3f} |")
-    lines += ["", "Files: `merged.safetensors` (the merged encoder, load with `timm.create_model(model, **model_kwargs)`"
-              " and `load_state_dict`), `surgery.safetensors` (`surgery.<task>.<level>.{down,up}.weight`: one low-rank"
-              " module per task and level; the last level corrects the output), the figures.", ""]
-    return "\n".join(lines)
+    rows = ["| task | plain merge | + surgery | expert |", "|---|---|---|---|"]
+    rows += [f"| {task} | {r['plain']['acc']:.3f} | {r['corrected']['acc']:.3f} | {r['expert']['acc']:.3f} |"
+             for task, r in report.items()]
+    files = ("`merged.safetensors`: the merged encoder. `surgery.safetensors`: `surgery.<task>.<level>.{down,up}.weight`, "
+             "one low-rank module per task and level; the last level corrects the output. `report.json` and the figures.")
+    usage = (f"import timm\nfrom safetensors.torch import load_file\n\nencoder = timm.create_model({hp.model!r}, "
+             f"**{json.dumps(hp.model_kwargs or {})})\nencoder.load_state_dict(load_file('merged.safetensors'))")
+    return write_model_card(
+        folder, f"Surgery {hp.version} on a {hp.merge} merge",
+        "Representation Surgery (Yang et al., ICML 2024) / SurgeryV2 (arXiv 2410.14389), trained by litzoo: a "
+        f"{hp.merge} merge (scaling {hp.scaling}) of the experts with one rank-{hp.rank} surgery module per task. "
+        "The test split was used without labels to adapt (transductive, as in the papers).",
+        base_model=str(hp.pretrained_checkpoint or hp.model),  # theta_0's file, else the timm architecture
+        data={"tasks": ", ".join(module.tasks), "frozen towers (state hashes)": json.dumps(module._hashes)},
+        config=dict(hp), tags=["model-merging", "representation-surgery"], usage=usage,
+        sections={"Accuracy per task (test)": "\n".join(rows), "Files": files})
 
 
 def write_report(module: nn.Module, report: Mapping[str, Any], root: str | Path, logger: Any = None) -> Path:
@@ -98,7 +101,7 @@ def write_report(module: nn.Module, report: Mapping[str, Any], root: str | Path,
     folder = free_folder(root)
     export_weights(module.merged, folder / "merged.safetensors")
     export_weights(module.surgery, folder / "surgery.safetensors")
-    (folder / "README.md").write_text(_card(module, report))
+    _card(module, report, folder)
     (folder / "report.json").write_text(json.dumps(report, indent=1))
     mean = lambda name: [sum(v) / len(report) for v in zip(*(r[name]["bias"] for r in report.values()))]  # noqa: E731
     figures = {

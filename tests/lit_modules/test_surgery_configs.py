@@ -80,7 +80,9 @@ def test_demo_merge_and_surgery_stages(demo_files: dict, tmp_path: Path, configs
         merged = load_file(str(export / "merged.safetensors"))
         assert all(torch.equal(merged[k], v) for k, v in cli.model.merged.state_dict().items())
         assert set(load_file(str(export / "surgery.safetensors"))) == set(cli.model.surgery.state_dict())
-        assert "| glyphs_a |" in (export / "README.md").read_text()
+        card = (export / "README.md").read_text()  # the shared model card: front matter, per-task table, config
+        assert card.startswith("---\nlibrary_name: litzoo") and "base_model: " in card
+        assert "## Accuracy per task (test)" in card and "| glyphs_a |" in card and "## Configuration" in card
 
 
 @pytest.mark.parametrize("config", ["vit_b32_expert.yaml", "vit_b32_adamerging.yaml", "vit_b16_surgery.yaml",
