@@ -161,21 +161,28 @@ def train_free(zoo: Path, cfg: dict, seed: int, row: str, alignment: bool, first
                         first_order=first_order, rng_seed=seed, **FREE_ARGS)
     data = FewShotEpisodes(source="glyphs", image_size=cfg["size"], per_class=40, k_shot=5,
                            val_episodes=cfg["val_episodes"], steps_per_epoch=cfg["val_every"], seed=seed)
-    curve = []
+    torch.manual_seed(seed)
+    run_dir = Path("runs/benchmarks/free") / f"{'quick' if cfg.get('quick') else 'full'}_{row}_seed{seed}"
+    curve, seconds = fit_selected(module, data, [GradientAlignment(**ALIGN)] if alignment else [], cfg, run_dir)
+    return module, {"val_curve": curve, "train_seconds": seconds, "chosen": int(torch.tensor(curve).argmax())}
+
+
+def fit_selected(module: L.LightningModule, data: L.LightningDataModule, callbacks: list[L.Callback], cfg: dict,
+                 run_dir: Path) -> tuple[list[float], float]:
+    """Train a meta-learner (free or tgr) for ``cfg["steps"]``, validating every ``cfg["val_every"]`` steps, and
+    load its meta-val-selected state; returns the validation curve and the training seconds."""
+    curve: list[float] = []
 
     class Curve(L.Callback):
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # after val
             curve.append(float(trainer.callback_metrics["val/acc"]))
 
-    torch.manual_seed(seed)
-    callbacks = [Curve()] + ([GradientAlignment(**ALIGN)] if alignment else [])
     start = time.perf_counter()
-    run_dir = Path("runs/benchmarks/free") / f"{'quick' if cfg.get('quick') else 'full'}_{row}_seed{seed}"
-    _quiet_trainer(max_epochs=cfg["steps"] // cfg["val_every"], callbacks=callbacks,
+    _quiet_trainer(max_epochs=cfg["steps"] // cfg["val_every"], callbacks=[Curve(), *callbacks],
                    default_root_dir=str(run_dir)).fit(module, datamodule=data)
     seconds = time.perf_counter() - start
     module.learner.load_state_dict(module.best_state)
-    return module, {"val_curve": curve, "train_seconds": seconds, "chosen": int(torch.tensor(curve).argmax())}
+    return curve, seconds
 
 
 def train_real(cfg: dict, seed: int, n_updates: int) -> tuple[Conv4, dict]:

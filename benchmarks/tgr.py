@@ -40,10 +40,9 @@ import json
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 
-from benchmarks.free import FREE_ARGS, _quiet_trainer, test_episodes, train_free, train_real
+from benchmarks.free import FREE_ARGS, _quiet_trainer, fit_selected, test_episodes, train_free, train_real
 from callbacks.gradient_alignment import GradientAlignment
 from core.conv4 import Conv4
 from core.episodes import mean_ci95
@@ -139,20 +138,10 @@ def train_tgr(zoo: Path, cfg: dict, row: str) -> tuple[TGRModule, dict]:
                        episode_batch=cfg["episode_batch"], rng_seed=cfg["seed"], **TGR_ARGS)
     data = TGRData(source="glyphs", image_size=cfg["size"], per_class=40, k_shot=5, val_episodes=cfg["val_episodes"],
                    steps_per_epoch=cfg["val_every"], seed=cfg["seed"], probe_classes=PROBE_CLASSES)
-    curve = []
-
-    class Curve(L.Callback):
-        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            curve.append(float(trainer.callback_metrics["val/acc"]))
-
     torch.manual_seed(cfg["seed"])
-    callbacks = [Curve()] + ([GradientAlignment(mode="displacement", alpha=ALPHA)] if regularised else [])
-    start = time.perf_counter()
     run_dir = Path("runs/benchmarks/tgr") / f"{'quick' if cfg['quick'] else 'full'}_{zoo.name}_{row}_seed{cfg['seed']}"
-    _quiet_trainer(max_epochs=cfg["steps"] // cfg["val_every"], callbacks=callbacks,
-                   default_root_dir=str(run_dir)).fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
-    module.learner.load_state_dict(module.best_state)
+    regulariser = [GradientAlignment(mode="displacement", alpha=ALPHA)] if regularised else []
+    curve, seconds = fit_selected(module, data, regulariser, cfg, run_dir)
     return module, {"val_curve": curve, "train_seconds": seconds, "groups": module.groups,
                     "cosine_curve": module.cosine_curve,
                     "within_group_similarity": mean_within_group(module.similarity, module.groups)}
