@@ -58,6 +58,7 @@ from datamodules.sources import smollm2_path  # noqa: E402
 from lit_modules.bds import BDSModule  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+TEST_PROMPTS, VALIDATION_FOLD = 240, (240, 80)  # datamodules.bds_tasks.EVAL_POOL: test folds, then the validation fold
 ROWS = ("aligned", "clean", "sft", "mix", "oracle", "bds", "bds_ref", "weighted_only", "loss_filter")
 HASHED_CODE = ("datamodules/bds.py", "datamodules/bds_tasks.py", "lit_modules/bds.py", "core/sequence_loss.py")
 
@@ -278,8 +279,9 @@ def targets(by_ratio: dict, judge_stats: dict) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The benchmark's settings (shared by ``benchmarks/bds_attack.py``, which chooses the attack size)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, one ratio, tiny sizes (smoke check)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON (+ _raw.json, _generations.jsonl)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3])
@@ -288,12 +290,14 @@ def main() -> None:
     parser.add_argument("--align-epochs", type=int, default=3)
     parser.add_argument("--num-finetune", type=int, default=24)
     parser.add_argument("--num-alignment", type=int, default=40)
-    parser.add_argument("--num-eval", type=int, default=17, help="held-out harmful prompts per seed (disjoint folds)")
+    parser.add_argument("--num-eval", type=int, default=80,
+                        help="held-out harmful prompts per seed (disjoint test folds in [0, 240))")
     parser.add_argument("--num-task", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=34)
     parser.add_argument("--max-new-tokens", type=int, default=10)
-    parser.add_argument("--task-max-new-tokens", type=int, default=22)
+    parser.add_argument("--task-max-new-tokens", type=int, default=40,
+                        help="room for a whole worked answer (28-34 tokens); 22 cut most before the final number")
     parser.add_argument("--helpful-tokens", type=int, default=24)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--prompt-format", default="chat", choices=["chat", "plain", "alpaca"])
@@ -304,10 +308,17 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="summarise the _raw.json files of runs over disjoint --seeds (with the same settings) into "
                              "--out instead of running: one process per seed runs them in parallel")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.ratios, args.seeds, args.num_eval, args.num_task, args.epochs = [0.3], [0], 8, 4, 1
+    if not args.merge and (max(args.seeds) + 1) * args.num_eval > TEST_PROMPTS:
+        raise SystemExit(f"--seeds {max(args.seeds)} with --num-eval {args.num_eval} reads held-out prompts beyond "
+                         f"the {TEST_PROMPTS} test prompts (the rest is the validation fold): lower --num-eval")
     start = time.perf_counter()
     judge = ResponseJudge()
     labelled = json.loads((REPO / "benchmarks" / "bds_judge_set.json").read_text())["items"]

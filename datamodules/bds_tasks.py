@@ -67,8 +67,10 @@ def arithmetic_problem(rng: random.Random) -> dict:
 
 MAX_PROMPT_CHARS = 100
 """Demo prompts longer than this are left out (short prompts keep generation affordable on a CPU)."""
-EVAL_POOL = 240
-"""Harmful prompts reserved for evaluation whatever the seed: never in any fine-tuning or alignment set."""
+EVAL_POOL = 320
+"""Harmful prompts reserved for evaluation whatever the seed: never in any fine-tuning or alignment set.
+``benchmarks/bds.py`` reads three test folds of 80 from [0, 240) and chooses its attack size on the validation
+fold [240, 320), so that no setting is tuned on a prompt it is scored on."""
 SPLIT_SEED = 0
 """The held-out / alignment / fine-tuning split of the harmful prompts is fixed; ``seed`` only draws within it,
 so that an aligned model trained once is evaluated on prompts it never saw for every seed."""
