@@ -326,13 +326,8 @@ def main() -> None:
                             judge.labels([x["prompt"] for x in labelled], [x["response"] for x in labelled]))
     print(f"judge on {judge_stats['n']} labelled answers: accuracy {judge_stats['accuracy']:.3f}", flush=True)
     adapter = str(aligned_adapter(args))
-    sink: list[dict] = []
-    raw: list[dict] = []
+    raw, sink = read_raw(args.merge) if args.merge else ([], [])
     if args.merge:
-        for path in args.merge:
-            raw += json.loads(path.read_text())
-            sink += [json.loads(line) for line in path.with_name(path.name.replace("_raw.json", "_generations.jsonl"))
-                     .read_text().splitlines()]
         args.seeds = [r["seed"] for r in raw]
     for seed in [] if args.merge else args.seeds:  # the held-out fold of a seed is its number: disjoint prompts
         # written after every row, so that an interrupted run keeps what it measured
@@ -350,6 +345,17 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def read_raw(paths: list[Path]) -> tuple[list[dict], list[dict]]:
+    """The per-seed values and the generations of ``write_raw``'s files, pooled over ``paths``."""
+    raw: list[dict] = []
+    sink: list[dict] = []
+    for path in paths:
+        raw += json.loads(path.read_text())
+        sink += [json.loads(line) for line in path.with_name(path.name.replace("_raw.json", "_generations.jsonl"))
+                 .read_text().splitlines()]
+    return raw, sink
 
 
 def write_raw(out: Path, raw: list[dict], sink: list[dict]) -> None:

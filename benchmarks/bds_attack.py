@@ -44,6 +44,7 @@ from benchmarks.bds import (  # noqa: E402
     fit,
     mean_std,
     module,
+    read_raw,
     score,
     write_raw,
 )
@@ -128,13 +129,8 @@ def main() -> None:
                         help="fine-tuning sizes to compare, <num_finetune>x<epochs>")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    raw: list[dict] = []
-    sink: list[dict] = []
+    raw, sink = read_raw(args.merge) if args.merge else ([], [])
     if args.merge:
-        for path in args.merge:
-            raw += json.loads(path.read_text())
-            sink += [json.loads(line) for line in path.with_name(path.name.replace("_raw.json", "_generations.jsonl"))
-                     .read_text().splitlines()]
         args.seeds = [r["seed"] for r in raw]
     else:
         judge, adapter = ResponseJudge(), str(aligned_adapter(args))
