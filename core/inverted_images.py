@@ -114,7 +114,8 @@ def _card(manifest: dict[str, Any]) -> str:
         f"{manifest['images']} images in {len(manifest['batches'])} batches, inverted from the frozen teacher "
         f"`{s['teacher']}` ({s['teacher_checkpoint'] or 'timm weights'}); no real training image was used.", "",
         f"- inversion: {s['iterations']} Adam steps (lr {s['lr']}), CE weight {s['ce_weight']}, "
-        f"TV-l2 {s['tv_l2_weight']}, BN prior {s['bn_weight']}, labels {s['labels']}, seed {s['seed']}",
+        f"TV-l2 {s['tv_l2_weight']}, BN prior {s['bn_weight']}, "
+        f"patch-similarity prior {s.get('patch_entropy_weight', 0.0)}, labels {s['labels']}, seed {s['seed']}",
         f"- token dropping: events {s['prune_iterations'] or 'none (dense)'}, keep ratios {s['keep_ratios'] or '-'}; "
         f"kept patches per image {kept} of {s['patches']}; returned iterate: {s['return_images']}, "
         f"final mask: {s['final_mask']}",

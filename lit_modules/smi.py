@@ -12,7 +12,9 @@ The schedule lives in ``callbacks.token_dropping.SparseTokenDropping``; without 
 module is the dense DeepInversion baseline ("DMI").
 
 Equations -> code:
-    L = CE(f(aug(x)), y) + a_tv2 TV_l2(x) + a_tv1 TV_l1(x) + a_l2 ||x||_2 + a_bn R_BN(x)   -> ``_loss``
+    L = CE(f(aug(x)), y) + a_tv2 TV_l2(x) + a_tv1 TV_l1(x) + a_l2 ||x||_2 + a_bn R_BN(x) + a_pse L_PSE(x)
+                                                                 -> ``training_step``, ``_forward``
+    L_PSE: PSAQ-ViT's patch-similarity entropy (ViT teachers)    -> ``core.patch_similarity``
     token scores s_j = mean_h A^L_{h,CLS,j}                      -> ``core.vit_tokens.cls_attention``
     K_i = int(K_{i-1} * keep_ratio)                              -> ``SparseTokenDropping``
     jitter/flip remapping of kept patch positions                -> ``core.vit_tokens.remap_rolled_flipped``
@@ -47,6 +49,7 @@ from core import vit_tokens
 from core.bn_stats import BatchNormStatsPrior
 from core.image_priors import clamp_to_pixel_range, random_roll_flip, total_variation_l1, total_variation_l2
 from core.inverted_images import prepare_pool_dir, save_inverted_batch, write_manifest
+from core.patch_similarity import PatchSimilarityPrior
 from core.resumable_range import ResumableRange
 from core.run_dir import run_directory
 from core.timm_models import create_model
@@ -76,6 +79,10 @@ class SMIModule(L.LightningModule):
         l2_weight: weight of the image l2 norm (paper: 0).
         bn_weight: weight of DeepInversion's BatchNorm-statistics prior (CNN teachers only; paper: 0).
         first_bn_multiplier: extra weight of the first BatchNorm layer in that prior.
+        patch_entropy_weight: weight of PSAQ-ViT's patch-similarity entropy prior, -sum over blocks of the
+            differential entropy of patch-to-patch attention-output similarities (ViT teachers only; PSAQ:
+            1, SMI: 0). On the sparse path it reads the kept tokens. With it, the dense module is the
+            PSAQ-ViT baseline's loss (its TV target and two-stage jitter are not reproduced).
         jitter: maximal random roll in pixels (default: image size // 8, i.e. 28 px at 224).
         flip: random horizontal flips.
         mean: per-channel normalisation mean of the teacher's inputs.
@@ -112,6 +119,7 @@ class SMIModule(L.LightningModule):
         l2_weight: float = 0.0,
         bn_weight: float = 0.0,
         first_bn_multiplier: float = 10.0,
+        patch_entropy_weight: float = 0.0,
         jitter: int | None = None,
         flip: bool = True,
         mean: tuple[float, ...] = IMAGENET_MEAN,
@@ -139,6 +147,9 @@ class SMIModule(L.LightningModule):
             raise ValueError(f"model.init_args.mean/std need {chans} values for this teacher, got {len(mean)}/{len(std)}")
         if bn_weight > 0 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in self.teacher.modules()):
             raise ValueError("model.init_args.bn_weight > 0 needs a CNN teacher with BatchNorm2d layers")
+        if patch_entropy_weight > 0 and not isinstance(self.teacher, vit_tokens.VisionTransformer):
+            raise ValueError(f"model.init_args.patch_entropy_weight = {patch_entropy_weight} needs a ViT teacher "
+                             f"(got {type(self.teacher).__name__}): set it to 0 or use a timm ViT/DeiT")
         self.num_classes = self.teacher.num_classes
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
         self.register_buffer("std", torch.tensor(std), persistent=False)
@@ -266,19 +277,25 @@ class SMIModule(L.LightningModule):
         self._scores = None
 
     def _forward(self, x: Tensor, kept: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Teacher logits on ``x`` (kept tokens only for ViTs), optional scores, BN prior term."""
-        bn = x.new_zeros(())
+        """Teacher logits on ``x`` (kept tokens only for ViTs), optional scores, and the weighted
+        teacher-feature prior (BN statistics for a CNN, patch-similarity entropy for a ViT; 0 when off)."""
+        hp = self.hparams
         if not self._is_vit():
-            if self.hparams.bn_weight > 0:
-                with BatchNormStatsPrior(self.teacher, self.hparams.first_bn_multiplier) as prior:
+            if hp.bn_weight > 0:
+                with BatchNormStatsPrior(self.teacher, hp.first_bn_multiplier) as prior:
                     logits = self.teacher(x)
-                return logits, None, prior.loss()
-            return self.teacher(x), None, bn
+                return logits, None, hp.bn_weight * prior.loss()
+            return self.teacher(x), None, x.new_zeros(())
         dense = kept.shape[1] == self._num_patches()
+        if hp.patch_entropy_weight > 0:
+            with PatchSimilarityPrior(self.teacher) as prior:
+                logits, scores = vit_tokens.forward_kept(
+                    self.teacher, x, None if dense else kept, return_cls_attention=self._record_scores_next)
+            return logits, scores, hp.patch_entropy_weight * prior.loss()
         logits, scores = vit_tokens.forward_kept(
             self.teacher, x, None if dense else kept, return_cls_attention=self._record_scores_next
         )
-        return logits, scores, bn
+        return logits, scores, x.new_zeros(())
 
     def training_step(self, step: int, batch_idx: int) -> Tensor:
         hp = self.hparams
@@ -294,7 +311,7 @@ class SMIModule(L.LightningModule):
             if self._is_vit() and kept.shape[1] < self._num_patches():
                 p = self.teacher.patch_embed.patch_size[0]
                 kept = vit_tokens.remap_rolled_flipped(kept, vit_tokens.grid_size(self.teacher), p, shift, flipped)
-        logits, scores, bn = self._forward(x_in, kept)
+        logits, scores, feature_prior = self._forward(x_in, kept)
         ce = F.cross_entropy(logits, y)
         # Eq. (1) of DeepInversion with SMI's defaults (CE + 1e-4 TV_l2); priors on the un-augmented
         # images of the whole (replicated) batch, see the module docstring. Terms whose weight is 0 are
@@ -302,7 +319,7 @@ class SMIModule(L.LightningModule):
         priors = ((hp.tv_l2_weight, total_variation_l2), (hp.tv_l1_weight, total_variation_l1),
                   (hp.l2_weight, torch.linalg.vector_norm))
         prior = sum((w * fn(self.images) for w, fn in priors if w), self.images.new_zeros(()))
-        own = hp.ce_weight * ce + hp.bn_weight * bn
+        own = hp.ce_weight * ce + feature_prior  # rank-local terms: they read this rank's rows
         loss = own + prior
         self._track_best(self.trainer.strategy.reduce(own.detach(), reduce_op="mean") + prior.detach())
         opt.zero_grad()
@@ -383,6 +400,7 @@ class SMIModule(L.LightningModule):
         hp = self.hparams
         settings = {k: hp[k] for k in ("teacher", "teacher_kwargs", "teacher_checkpoint", "batch_size", "num_batches",
                                        "iterations", "lr", "ce_weight", "tv_l2_weight", "bn_weight", "labels",
+                                       "patch_entropy_weight",
                                        "return_images", "final_mask", "seed")}
         settings["mean"], settings["std"] = list(hp.mean), list(hp.std)
         dropping = [c for c in self.trainer.callbacks if hasattr(c, "prune_iterations")]

@@ -203,6 +203,35 @@ def test_bn_prior_enters_the_loss(tmp_path) -> None:
     assert bn > 0.1 and loss == pytest.approx(ce + 0.5 * bn, rel=1e-4)
 
 
+def test_patch_similarity_prior_enters_the_loss(teacher_file, tmp_path) -> None:
+    from core.patch_similarity import PatchSimilarityPrior
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(module.images.detach().clone())
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append((float(outputs["loss"]), float(trainer.callback_metrics["train/loss_ce"])))
+
+    module = make(teacher_file, tmp_path, iterations=3, jitter=0, flip=False, tv_l2_weight=0.0,
+                  patch_entropy_weight=0.5)
+    fit(module, prune=None, callbacks=[Record()])
+    x, (loss, ce) = seen[2], seen[3]  # the second step
+    with torch.no_grad(), PatchSimilarityPrior(module.teacher) as prior:
+        module.teacher(x)
+    pse = float(prior.loss())
+    assert abs(pse) > 0.01 and loss == pytest.approx(ce + 0.5 * pse, rel=1e-5)
+    assert json_settings(tmp_path)["patch_entropy_weight"] == 0.5
+
+
+def json_settings(pool: Path) -> dict:
+    import json
+
+    return json.loads((pool / "manifest.json").read_text())["settings"]
+
+
 def test_a_rerun_never_overwrites_or_mixes_a_pool(teacher_file, tmp_path) -> None:
     import json
 
@@ -229,6 +258,9 @@ def test_bad_input_names_the_config_key(teacher_file, tmp_path) -> None:
         make(teacher_file, tmp_path, teacher="vit_nonexistent")
     with pytest.raises(ValueError, match="bn_weight > 0 needs a CNN teacher"):
         make(teacher_file, tmp_path, bn_weight=1.0)
+    with pytest.raises(ValueError, match="patch_entropy_weight = 1.0 needs a ViT teacher"):
+        smi.SMIModule(teacher="resnet10t", teacher_kwargs={"num_classes": 4}, mean=(0.5,) * 3, std=(0.5,) * 3,
+                      output_dir=str(tmp_path), patch_entropy_weight=1.0)
 
 
 def test_inverted_images_are_logged_to_wandb(teacher_file, tmp_path) -> None:
