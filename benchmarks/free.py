@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -45,20 +46,22 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from callbacks.gradient_alignment import GradientAlignment
-from core.conv4 import Conv4
-from core.episodes import mean_ci95, sample_episodes
-from core.maml import maml_accuracy, maml_query, protonet_accuracy, transductive
-from core.meta_generator import Generator
-from core.model_zoo import load_zoo, read_manifest
-from core.packaged_models import default_cache_dir
-from core.rng import keyed_generator
-from datamodules.few_shot import labelled_split
-from datamodules.free import FewShotEpisodes
-from datamodules.model_zoo import ZooData
-from datamodules.sources import glyph_splits
-from lit_modules.free import FREEModule
-from lit_modules.model_zoo import ZooModule
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<name>.py` from the repo root
+
+from callbacks.gradient_alignment import GradientAlignment  # noqa: E402
+from core.conv4 import Conv4  # noqa: E402
+from core.episodes import mean_ci95, sample_episodes  # noqa: E402
+from core.maml import maml_accuracy, maml_query, protonet_accuracy, transductive  # noqa: E402
+from core.meta_generator import Generator  # noqa: E402
+from core.model_zoo import load_zoo, read_manifest  # noqa: E402
+from core.packaged_models import default_cache_dir  # noqa: E402
+from core.rng import keyed_generator  # noqa: E402
+from datamodules.few_shot import labelled_split  # noqa: E402
+from datamodules.free import FewShotEpisodes  # noqa: E402
+from datamodules.model_zoo import ZooData  # noqa: E402
+from datamodules.sources import glyph_splits  # noqa: E402
+from lit_modules.free import FREEModule  # noqa: E402
+from lit_modules.model_zoo import ZooModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

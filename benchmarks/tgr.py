@@ -24,6 +24,8 @@ replay until patience); embedding from 100 images per teacher after 15 inversion
 
     python benchmarks/tgr.py              # full run, training seed 0
     python benchmarks/tgr.py --quick      # smoke run
+    # a probe: some zoos and rows only, another inversion length (choose on the meta-val curves it prints)
+    python benchmarks/tgr.py --zoos single --rows tgr alpha0 --inversion-steps 40 --out runs/tgr_probe/tgr.json
     # three training seeds, one process each, then one JSON:
     python benchmarks/tgr.py --seed 1 --out runs/tgr_s1/tgr.json   (etc.)
     python benchmarks/tgr.py --merge runs/tgr_s0/tgr_raw.json runs/tgr_s1/tgr_raw.json ... --out benchmarks/results/tgr.json
@@ -38,29 +40,32 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.free import FREE_ARGS, _quiet_trainer, fit_selected, test_episodes, train_free, train_real
-from callbacks.gradient_alignment import GradientAlignment
-from core.conv4 import Conv4
-from core.episodes import mean_ci95
-from core.heterogeneity_figure import heterogeneity_figure
-from core.maml import maml_accuracy, protonet_accuracy, transductive
-from core.model_zoo import combine_zoos, read_manifest
-from core.packaged_models import default_cache_dir
-from core.task_similarity import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<name>.py` from the repo root
+
+from benchmarks.free import FREE_ARGS, _quiet_trainer, fit_selected, test_episodes, train_free, train_real  # noqa: E402
+from callbacks.gradient_alignment import GradientAlignment  # noqa: E402
+from core.conv4 import Conv4  # noqa: E402
+from core.episodes import mean_ci95  # noqa: E402
+from core.heterogeneity_figure import heterogeneity_figure  # noqa: E402
+from core.maml import maml_accuracy, protonet_accuracy, transductive  # noqa: E402
+from core.model_zoo import combine_zoos, read_manifest  # noqa: E402
+from core.packaged_models import default_cache_dir  # noqa: E402
+from core.task_similarity import (  # noqa: E402
     mean_within_group,
     normalised_cosine_similarity,
     pairwise_similarity_loop,
     stack_embeddings,
 )
-from datamodules.model_zoo import ZooData
-from datamodules.tgr import TGRData
-from lit_modules.model_zoo import ZooModule
-from lit_modules.tgr import TGRModule
+from datamodules.model_zoo import ZooData  # noqa: E402
+from datamodules.tgr import TGRData  # noqa: E402
+from lit_modules.model_zoo import ZooModule  # noqa: E402
+from lit_modules.tgr import TGRModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -136,11 +141,13 @@ def score(learner: Conv4, episodes: dict, cfg: dict) -> dict:
 def train_tgr(zoo: Path, cfg: dict, row: str) -> tuple[TGRModule, dict]:
     grouping, regularised = ROW_SETTINGS[row]
     module = TGRModule(zoo=str(zoo), grouping=grouping, replay_batches=cfg["replay_batches"],
-                       episode_batch=cfg["episode_batch"], rng_seed=cfg["seed"], **TGR_ARGS)
+                       episode_batch=cfg["episode_batch"], rng_seed=cfg["seed"],
+                       **{**TGR_ARGS, "inversion_steps": cfg["inversion_steps"]})
     data = TGRData(source="glyphs", image_size=cfg["size"], per_class=40, k_shot=5, val_episodes=cfg["val_episodes"],
                    steps_per_epoch=cfg["val_every"], seed=cfg["seed"], probe_classes=PROBE_CLASSES)
     torch.manual_seed(cfg["seed"])
-    run_dir = Path("runs/benchmarks/tgr") / f"{'quick' if cfg['quick'] else 'full'}_{zoo.name}_{row}_seed{cfg['seed']}"
+    run_dir = (Path("runs/benchmarks/tgr") / f"{'quick' if cfg['quick'] else 'full'}_{zoo.name}_{row}_seed{cfg['seed']}"
+               f"_inv{cfg['inversion_steps']}")
     regulariser = [GradientAlignment(mode="displacement", alpha=ALPHA)] if regularised else []
     curve, seconds = fit_selected(module, data, regulariser, cfg, run_dir)
     return module, {"val_curve": curve, "train_seconds": seconds, "groups": module.groups,
@@ -221,6 +228,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "tgr.json")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="training seed of every row (zoos and probe are shared)")
+    parser.add_argument("--zoos", nargs="+", choices=ZOOS, default=list(ZOOS), help="zoos to run (default: all)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="learned rows to run (default: all)")
+    parser.add_argument("--inversion-steps", type=int, default=TGR_ARGS["inversion_steps"],
+                        help="Adam steps of each fresh generator in the TGR rows (a probe on the meta-val curve)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="pool these raw files of runs on different --seed (same mode) into --out")
     args = parser.parse_args()
@@ -228,7 +239,8 @@ def main() -> None:
         merge(args.merge, args.out)
         return
     torch.set_num_threads(args.threads)
-    cfg = {**(QUICK if args.quick else FULL), "seed": args.seed, "quick": args.quick}
+    cfg = {**(QUICK if args.quick else FULL), "seed": args.seed, "quick": args.quick,
+           "inversion_steps": args.inversion_steps}
     t0 = time.perf_counter()
     zoos = build_zoos(cfg)
     free_cfg = {**cfg, "steps": cfg["steps"], "val_every": cfg["val_every"]}
@@ -256,19 +268,24 @@ def main() -> None:
     raw["training"]["ceiling/real_data"] = info
     save()
     for zoo, path in zoos.items():
+        if zoo not in args.zoos:
+            continue
         rows = raw["rows"].setdefault(zoo, {})
         cosine = {}
-        for row in ROWS[:-1]:
+        for row in [r for r in ROWS[:-1] if r in args.rows]:
             module, info = train_tgr(path, cfg, row)
             rows[row] = score(module.learner, episodes, cfg)
             raw["training"][f"{zoo}/{row}"] = info
             cosine[row] = module.cosine_curve
             if row == "tgr":
                 raw.setdefault("similarity", {})[zoo] = module.similarity.tolist()
-                similarity, groups = module.similarity, module.groups
+                heterogeneity = module.similarity, module.groups
             print(f"{zoo} {row}: val {info['val_curve']} in {info['train_seconds']:.0f} s", flush=True)
             save()
-        heterogeneity_figure(similarity, groups, cosine, args.out.with_name(f"{args.out.stem}_heterogeneity_{zoo}.png"))
+        if "tgr" in args.rows:
+            heterogeneity_figure(*heterogeneity, cosine, args.out.with_name(f"{args.out.stem}_heterogeneity_{zoo}.png"))
+        if "free" not in args.rows:
+            continue
         module, info = train_free(path, free_cfg, cfg["seed"], f"{zoo}_free", True, False)
         rows["free"] = score(module.learner, episodes, cfg)
         raw["training"][f"{zoo}/free"] = info
