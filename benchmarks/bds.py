@@ -32,6 +32,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -181,8 +182,20 @@ def aligned_losses(m: BDSModule, dm: BDSDataModule) -> torch.Tensor:
     return losses
 
 
-def scheduler(args: argparse.Namespace, reference: float = 0.0) -> BayesianDataScheduler:
-    return BayesianDataScheduler(scheduler="scalar", transform="softmax", init=0.1, lr=args.scheduler_lr,
+RELEASE_LOGIT_TRAVEL = 5e-3 * 2000  # the release's scheduler lr x its steps (Adam moves a logit ~lr per step)
+
+
+def scheduler_lr(args: argparse.Namespace, dm: BDSDataModule) -> float:
+    """``--scheduler-lr``, or by default the release's total travel of a logit spread over this run's steps
+    (an epoch is the larger of the fine-tuning and alignment loaders, which cycle together)."""
+    if args.scheduler_lr is not None:
+        return args.scheduler_lr
+    steps = math.ceil(max(len(dm.splits["ft"]), len(dm.splits["align"])) / args.batch_size) * args.epochs
+    return RELEASE_LOGIT_TRAVEL / steps
+
+
+def scheduler(args: argparse.Namespace, dm: BDSDataModule, reference: float = 0.0) -> BayesianDataScheduler:
+    return BayesianDataScheduler(scheduler="scalar", transform="softmax", init=0.1, lr=scheduler_lr(args, dm),
                                  betas=(0.9, 0.95), grad_clip=10.0, reference_weight=reference)
 
 
@@ -210,12 +223,13 @@ def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge
         n_keep = len(sources) - round(ratio * len(sources))
         subsets = {"oracle": [i for i, s in enumerate(sources.tolist()) if s == 0],
                    "loss_filter": losses.argsort()[:n_keep].tolist()}
-        res = {**shared, "loss_auroc_aligned": float(binary_auroc(losses, sources))}
+        res = {**shared, "loss_auroc_aligned": float(binary_auroc(losses, sources)),
+               "scheduler_lr": scheduler_lr(args, dm)}
         for row in ROWS[2:]:
             torch.manual_seed(seed)
             mode = {"sft": "sft", "mix": "mix", "oracle": "mix", "loss_filter": "mix", "weighted_only": "weighted_only"}
             m = module(args, mode.get(row, "bds"), adapter, reference_adapter=row == "bds_ref")
-            cb = [scheduler(args, 1.0 if row == "bds_ref" else 0.0)] if row in ("bds", "bds_ref", "weighted_only") else []
+            cb = [scheduler(args, dm, 1.0 if row == "bds_ref" else 0.0)] if row in ("bds", "bds_ref", "weighted_only") else []
             row_dm = data(args, ratio, seed, fold, finetune_subset=subsets[row]) if row in subsets else dm
             timer = fit(m, row_dm, args.epochs, cb)
             if row in out["steps"]:
@@ -253,6 +267,7 @@ def summarise(args: argparse.Namespace, raw: list[dict], judge_stats: dict) -> d
         entry["weight_auroc_applied_bds_ref"] = mean_std([s["bds_ref"]["weight_auroc_applied"] for s in seeds])
         entry["weight_auroc_final_bds_ref"] = mean_std([s["bds_ref"]["weight_auroc_final"] for s in seeds])
         entry["loss_auroc_aligned"] = mean_std([s["loss_auroc_aligned"] for s in seeds])
+        entry["scheduler_lr"] = seeds[0].get("scheduler_lr")
         by_ratio[ratio] = entry
     steps = {k: statistics.median([g for r in raw for g in r["steps"][k]]) for k in ("mix", "bds", "bds_ref")}
     results = {"by_ratio": by_ratio, "judge": judge_stats,
@@ -301,7 +316,8 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--helpful-tokens", type=int, default=24)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--prompt-format", default="chat", choices=["chat", "plain", "alpaca"])
-    parser.add_argument("--scheduler-lr", type=float, default=0.25)
+    parser.add_argument("--scheduler-lr", type=float, default=None,
+                        help="default: 10 / steps, the release's lr x steps (5e-3 x 2000) over this run's steps")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
