@@ -267,10 +267,10 @@ def summarise(args: argparse.Namespace, raw: list[dict], judge_stats: dict) -> d
         entry["weight_auroc_applied_bds_ref"] = mean_std([s["bds_ref"]["weight_auroc_applied"] for s in seeds])
         entry["weight_auroc_final_bds_ref"] = mean_std([s["bds_ref"]["weight_auroc_final"] for s in seeds])
         entry["loss_auroc_aligned"] = mean_std([s["loss_auroc_aligned"] for s in seeds])
-        entry["scheduler_lr"] = seeds[0].get("scheduler_lr")
         by_ratio[ratio] = entry
     steps = {k: statistics.median([g for r in raw for g in r["steps"][k]]) for k in ("mix", "bds", "bds_ref")}
     results = {"by_ratio": by_ratio, "judge": judge_stats,
+               "scheduler_lr": {ratio: raw[0][ratio].get("scheduler_lr") for ratio in map(str, args.ratios)},
                "step_time_ratio_bds_vs_mix": round(steps["bds"] / steps["mix"], 3),
                "step_time_ratio_bds_ref_vs_mix": round(steps["bds_ref"] / steps["mix"], 3),
                "step_s_median": {k: round(v, 3) for k, v in steps.items()}}
