@@ -303,11 +303,12 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--align-epochs", type=int, default=3)
-    parser.add_argument("--num-finetune", type=int, default=24)
+    parser.add_argument("--num-finetune", type=int, default=96,
+                        help="chosen on the validation fold by benchmarks/bds_attack.py (results/bds_attack.json)")
     parser.add_argument("--num-alignment", type=int, default=40)
     parser.add_argument("--num-eval", type=int, default=80,
                         help="held-out harmful prompts per seed (disjoint test folds in [0, 240))")
-    parser.add_argument("--num-task", type=int, default=8)
+    parser.add_argument("--num-task", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=34)
     parser.add_argument("--max-new-tokens", type=int, default=10)
@@ -331,7 +332,7 @@ def main() -> None:
     args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.ratios, args.seeds, args.num_eval, args.num_task, args.epochs = [0.3], [0], 8, 4, 1
+        args.ratios, args.seeds, args.num_eval, args.num_task, args.epochs, args.num_finetune = [0.3], [0], 8, 4, 1, 24
     if not args.merge and (max(args.seeds) + 1) * args.num_eval > TEST_PROMPTS:
         raise SystemExit(f"--seeds {max(args.seeds)} with --num-eval {args.num_eval} reads held-out prompts beyond "
                          f"the {TEST_PROMPTS} test prompts (the rest is the validation fold): lower --num-eval")
