@@ -12,9 +12,7 @@ The schedule lives in ``callbacks.token_dropping.SparseTokenDropping``; without 
 module is the dense DeepInversion baseline ("DMI").
 
 Equations -> code:
-    L = CE(f(aug(x)), y) + a_tv2 TV_l2(x) + a_tv1 TV_l1(x) + a_l2 ||x||_2 + a_bn R_BN(x) + a_pse L_PSE(x)
-                                                                 -> ``training_step``, ``_forward``
-    L_PSE: PSAQ-ViT's patch-similarity entropy (ViT teachers)    -> ``core.patch_similarity``
+    L = CE(f(aug(x)), y) + a_tv2 TV_l2 + a_tv1 TV_l1 + a_l2 ||x|| + a_bn R_BN + a_pse L_PSE  -> ``training_step``
     token scores s_j = mean_h A^L_{h,CLS,j}                      -> ``core.vit_tokens.cls_attention``
     K_i = int(K_{i-1} * keep_ratio)                              -> ``SparseTokenDropping``
     jitter/flip remapping of kept patch positions                -> ``core.vit_tokens.remap_rolled_flipped``
@@ -36,6 +34,7 @@ patches (one more than it tracked), as the release does (docs/methods/smi.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -79,10 +78,8 @@ class SMIModule(L.LightningModule):
         l2_weight: weight of the image l2 norm (paper: 0).
         bn_weight: weight of DeepInversion's BatchNorm-statistics prior (CNN teachers only; paper: 0).
         first_bn_multiplier: extra weight of the first BatchNorm layer in that prior.
-        patch_entropy_weight: weight of PSAQ-ViT's patch-similarity entropy prior, -sum over blocks of the
-            differential entropy of patch-to-patch attention-output similarities (ViT teachers only; PSAQ:
-            1, SMI: 0). On the sparse path it reads the kept tokens. With it, the dense module is the
-            PSAQ-ViT baseline's loss (its TV target and two-stage jitter are not reproduced).
+        patch_entropy_weight: weight of PSAQ-ViT's patch-similarity entropy prior (``core.patch_similarity``;
+            ViT teachers only, on the kept tokens; PSAQ: 1, SMI: 0); dense, the PSAQ baseline's loss.
         jitter: maximal random roll in pixels (default: image size // 8, i.e. 28 px at 224).
         flip: random horizontal flips.
         mean: per-channel normalisation mean of the teacher's inputs.
@@ -277,25 +274,17 @@ class SMIModule(L.LightningModule):
         self._scores = None
 
     def _forward(self, x: Tensor, kept: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Teacher logits on ``x`` (kept tokens only for ViTs), optional scores, and the weighted
-        teacher-feature prior (BN statistics for a CNN, patch-similarity entropy for a ViT; 0 when off)."""
-        hp = self.hparams
-        if not self._is_vit():
-            if hp.bn_weight > 0:
-                with BatchNormStatsPrior(self.teacher, hp.first_bn_multiplier) as prior:
-                    logits = self.teacher(x)
-                return logits, None, hp.bn_weight * prior.loss()
-            return self.teacher(x), None, x.new_zeros(())
-        dense = kept.shape[1] == self._num_patches()
-        if hp.patch_entropy_weight > 0:
-            with PatchSimilarityPrior(self.teacher) as prior:
-                logits, scores = vit_tokens.forward_kept(
-                    self.teacher, x, None if dense else kept, return_cls_attention=self._record_scores_next)
-            return logits, scores, hp.patch_entropy_weight * prior.loss()
-        logits, scores = vit_tokens.forward_kept(
-            self.teacher, x, None if dense else kept, return_cls_attention=self._record_scores_next
-        )
-        return logits, scores, x.new_zeros(())
+        """Teacher logits (kept tokens for a ViT), optional scores, the weighted BN (CNN) / PSAQ (ViT) prior."""
+        hp, vit = self.hparams, self._is_vit()
+        weight = hp.patch_entropy_weight if vit else hp.bn_weight
+        prior = None
+        if weight > 0:
+            prior = PatchSimilarityPrior(self.teacher) if vit else BatchNormStatsPrior(self.teacher, hp.first_bn_multiplier)
+        with prior or contextlib.nullcontext():
+            logits, scores = (self.teacher(x), None) if not vit else vit_tokens.forward_kept(
+                self.teacher, x, None if kept.shape[1] == self._num_patches() else kept,
+                return_cls_attention=self._record_scores_next)
+        return logits, scores, weight * prior.loss() if prior else x.new_zeros(())
 
     def training_step(self, step: int, batch_idx: int) -> Tensor:
         hp = self.hparams
