@@ -307,17 +307,19 @@ def quality(quick: bool, seeds: list[int] | None) -> tuple[dict, list[dict]]:
     return out, raw
 
 
+DEMO_KD_IMAGES, DEMO_KD_STEPS = 256, 480  # the demo's KD: demo_kd.yaml's 60 epochs of 8 batches of 32
+
+
 def demo_summary() -> None:
     """The end of `make demo`: KD and PTQ on noise / dense / sparse / real, one table, one figure."""
     run = REPO / "runs" / "smi" / "demo"
     pools = {"dense": run / "inverted_dense", "sparse": run / "inverted"}
-    budget = 256
     rows = {}
     kd_t = demo_config("demo_kd.yaml")["model"]["init_args"]["temperature"]
     ptq_args = demo_config("demo_ptq.yaml")["model"]["init_args"]
     bits, granularity = ptq_args["act_bits"], ptq_args.get("weight_granularity", "channel")
     for source in ("noise", "dense", "sparse", "real"):
-        kd = distil(data(source, pools.get(source), budget, 0), 0, 480, kd_t, "test")  # demo_kd.yaml's 60 epochs
+        kd = distil(data(source, pools.get(source), DEMO_KD_IMAGES, 0), 0, DEMO_KD_STEPS, kd_t, "test")
         ptq, fp = quantise(data(source, pools.get(source), 32, 0, batch_size=32), (bits, granularity), "test")
         rows[source] = (kd, ptq)
     print(f"\nSMI demo on real MNIST-5k test digits (teacher: {fp:.3f})")

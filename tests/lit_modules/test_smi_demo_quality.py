@@ -1,9 +1,13 @@
-"""The demo's trained artefacts carry what the benchmark measured: inverted images beat Gaussian noise.
+"""The demo's trained artefacts carry what the demo shows: inverted images beat Gaussian noise.
 
 These read the teacher, student and pools `make demo` writes under runs/smi/demo (minutes to build, so
-not built here); without them the tests are skipped. Bounds are loose: about half of the margins
-benchmarks/smi.py measured (benchmarks/results/smi.json), on the validation split, one seed; PTQ at
-the demo's W4/A8, where the benchmark's ceiling - floor gap (0.107) clears its 0.1 bar.
+not built here); without them the tests are skipped. KD follows the demo summary's own protocol
+(``benchmarks.smi.demo_summary``: 256 pool images, 480 SGD steps at demo_kd.yaml's temperature), on the
+validation split instead of test. The bounds are loose: `make demo` in a fresh clone measured sparse KD
+0.286 against noise 0.098 on test (a gap of 0.19; the bound is 0.08; on validation 0.210 against 0.102),
+and W4/A8 PTQ 0.806 against 0.762.
+An earlier version trained KD for 30 epochs on 128 images, a protocol nothing else measured; on the demo's
+artefacts that gave 0.112 against noise 0.120 and failed.
 """
 
 from __future__ import annotations
@@ -15,13 +19,10 @@ import pytest
 import yaml
 
 from datamodules.smi import SMIDataModule
-from lit_modules.smi_kd import SMIDistillationModule
 from lit_modules.smi_ptq import SMIQuantizationModule
 
 REPO = Path(__file__).resolve().parents[2]
-# benchmarks/results/smi.json (test split, 3 seeds): KD sparse - noise = 0.107, dense - noise = 0.081 (noise
-# std 0.044); W4/A8 PTQ dense - noise = 0.084. The bounds are about half of that.
-KD_MARGIN, PTQ_MARGIN = 0.04, 0.04
+KD_MARGIN, PTQ_MARGIN = 0.08, 0.02  # about half of the gaps `make demo` printed (0.19 and 0.044, test split)
 DEMO = REPO / "runs" / "smi" / "demo"
 NEEDED = ("teacher.safetensors", "student.safetensors", "inverted/manifest.json")
 pytestmark = [
@@ -52,10 +53,12 @@ def pool(source: str, images: int) -> SMIDataModule:
 
 
 def test_kd_on_the_demo_pool_beats_the_noise_floor() -> None:
-    args = {**config("demo_kd.yaml")["model"]["init_args"], "teacher_checkpoint": str(DEMO / "teacher.safetensors"),
-            "student_checkpoint": str(DEMO / "student.safetensors")}
-    accs = {source: val_acc(SMIDistillationModule(**args), pool(source, 128), 30) for source in ("noise", "inverted")}
-    assert accs["inverted"] >= accs["noise"] + KD_MARGIN, accs
+    from benchmarks.smi import DEMO_KD_IMAGES, DEMO_KD_STEPS, data, distil
+
+    temperature = config("demo_kd.yaml")["model"]["init_args"]["temperature"]
+    accs = {source: distil(data(source, DEMO / "inverted", DEMO_KD_IMAGES, 0), 0, DEMO_KD_STEPS, temperature, "val")
+            for source in ("noise", "sparse")}
+    assert accs["sparse"] >= accs["noise"] + KD_MARGIN, accs
 
 
 def test_calibration_on_the_demo_pool_beats_noise_at_the_hard_setting() -> None:
