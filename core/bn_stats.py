@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from core.forward_hook_prior import ForwardHookPrior
 
-class BatchNormStatsPrior:
+
+class BatchNormStatsPrior(ForwardHookPrior):
     """Context manager hooking every BatchNorm2d of ``model``; ``loss()`` reads the last forward.
 
     Args:
@@ -25,7 +27,6 @@ class BatchNormStatsPrior:
             raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer: the BN prior needs a CNN teacher")
         self.first_layer_multiplier = first_layer_multiplier
         self._terms: list[Tensor | None] = [None] * len(self.layers)
-        self._handles: list = []
 
     def _hook(self, i: int):
         def hook(module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
@@ -36,18 +37,10 @@ class BatchNormStatsPrior:
 
         return hook
 
-    def __enter__(self) -> BatchNormStatsPrior:
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def _register(self) -> list:
+        return [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
 
     def loss(self) -> Tensor:
         """R_feature of the most recent forward pass."""
-        if any(t is None for t in self._terms):
-            raise RuntimeError("run a forward pass inside the `with` block before asking for the BN loss")
-        first, *rest = self._terms
+        first, *rest = self._recorded(self._terms, "BN")
         return self.first_layer_multiplier * first + sum(rest)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.forward_hook_prior import ForwardHookPrior
+
 PSAQ_BANDWIDTH, PSAQ_GRID = 0.01, 10
 
 
@@ -49,7 +51,7 @@ def similarity_entropy(features: Tensor, bandwidth: float = PSAQ_BANDWIDTH, grid
     return torch.trapezoid(-density * density.log(), grid, dim=-1).mean()
 
 
-class PatchSimilarityPrior:
+class PatchSimilarityPrior(ForwardHookPrior):
     """Context manager hooking the attention output of every block of a timm ViT; ``loss()`` is L_PSE.
 
     Args:
@@ -65,7 +67,6 @@ class PatchSimilarityPrior:
         self.prefix = getattr(model, "num_prefix_tokens", 1)
         self.bandwidth, self.grid_points = bandwidth, grid_points
         self._features: list[Tensor | None] = [None] * len(self.attentions)
-        self._handles: list = []
 
     def _hook(self, i: int, heads: int):
         def hook(_proj: nn.Module, inputs: tuple[Tensor, ...]) -> None:
@@ -75,18 +76,10 @@ class PatchSimilarityPrior:
 
         return hook
 
-    def __enter__(self) -> PatchSimilarityPrior:
-        self._handles = [a.proj.register_forward_pre_hook(self._hook(i, a.num_heads))
-                         for i, a in enumerate(self.attentions)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def _register(self) -> list:
+        return [a.proj.register_forward_pre_hook(self._hook(i, a.num_heads)) for i, a in enumerate(self.attentions)]
 
     def loss(self) -> Tensor:
         """-sum over blocks of the similarity entropy of the most recent forward pass."""
-        if any(f is None for f in self._features):
-            raise RuntimeError("run a forward pass inside the `with` block before asking for the PSAQ loss")
-        return -sum(similarity_entropy(f, self.bandwidth, self.grid_points) for f in self._features)
+        features = self._recorded(self._features, "PSAQ")
+        return -sum(similarity_entropy(f, self.bandwidth, self.grid_points) for f in features)

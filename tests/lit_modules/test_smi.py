@@ -177,25 +177,30 @@ def test_schedules_the_module_cannot_run_are_refused_before_training(teacher_fil
     assert module.global_step == 0
 
 
+class RecordSteps(L.Callback):
+    """Appends each step's starting images, then its (logged loss, CE) pair, to ``seen``."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen.append(module.images.detach().clone())
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seen.append((float(outputs["loss"]), float(trainer.callback_metrics["train/loss_ce"])))
+
+
 def test_bn_prior_enters_the_loss(tmp_path) -> None:
     from core.bn_stats import BatchNormStatsPrior
 
-    seen = []
-
-    class Record(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            seen.append(module.images.detach().clone())
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            seen.append((float(outputs["loss"]), float(trainer.callback_metrics["train/loss_ce"])))
-
+    seen: list = []
     kwargs = dict(teacher="resnet10t", teacher_kwargs={"num_classes": 4}, teacher_checkpoint=None, mean=(0.5,) * 3,
                   std=(0.5,) * 3, batch_size=2, iterations=3, jitter=0, flip=False, tv_l2_weight=0.0,
                   output_dir=str(tmp_path))
     module = smi.SMIModule(**kwargs, bn_weight=0.5)
     module.images = torch.nn.Parameter(torch.zeros(2, 3, 32, 32))
     module.best_images = torch.zeros(2, 3, 32, 32)
-    fit(module, prune=None, callbacks=[Record()])
+    fit(module, prune=None, callbacks=[RecordSteps(seen)])
     x, (loss, ce) = seen[2], seen[3]  # the second step
     with torch.no_grad(), BatchNormStatsPrior(module.teacher, 10.0) as prior:
         module.teacher(x)
@@ -206,18 +211,10 @@ def test_bn_prior_enters_the_loss(tmp_path) -> None:
 def test_patch_similarity_prior_enters_the_loss(teacher_file, tmp_path) -> None:
     from core.patch_similarity import PatchSimilarityPrior
 
-    seen = []
-
-    class Record(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            seen.append(module.images.detach().clone())
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            seen.append((float(outputs["loss"]), float(trainer.callback_metrics["train/loss_ce"])))
-
+    seen: list = []
     module = make(teacher_file, tmp_path, iterations=3, jitter=0, flip=False, tv_l2_weight=0.0,
                   patch_entropy_weight=0.5)
-    fit(module, prune=None, callbacks=[Record()])
+    fit(module, prune=None, callbacks=[RecordSteps(seen)])
     x, (loss, ce) = seen[2], seen[3]  # the second step
     with torch.no_grad(), PatchSimilarityPrior(module.teacher) as prior:
         module.teacher(x)
