@@ -28,6 +28,7 @@ Every generation goes to ``<out stem>_generations.jsonl``; per-seed values to ``
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import inspect
 import json
@@ -206,7 +207,8 @@ def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge
     out: dict = {"seed": seed, "steps": {"mix": [], "bds": [], "bds_ref": []}}
     start = time.perf_counter()
     tag = {"seed": seed, "ratio": 0.0}
-    dm0 = data(args, 0.0, seed, fold)
+    user = functools.partial(data, args, num_alignment=args.finetune_alignment)  # the fine-tuning stage's data
+    dm0 = user(0.0, seed, fold)
     aligned = module(args, "sft", adapter)
     shared = {"aligned": score(answers(aligned, dm0), judge, {**tag, "row": "aligned"}, sink)}
     torch.manual_seed(seed)
@@ -217,7 +219,7 @@ def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge
     saved({**out, "partial": dict(shared)})
     for ratio in args.ratios:
         tag = {"seed": seed, "ratio": ratio}
-        dm = data(args, ratio, seed, fold)
+        dm = user(ratio, seed, fold)
         sources = torch.tensor([row["source"] for row in dm.splits["ft"].items])
         losses = aligned_losses(aligned, dm)
         n_keep = len(sources) - round(ratio * len(sources))
@@ -230,7 +232,7 @@ def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge
             mode = {"sft": "sft", "mix": "mix", "oracle": "mix", "loss_filter": "mix", "weighted_only": "weighted_only"}
             m = module(args, mode.get(row, "bds"), adapter, reference_adapter=row == "bds_ref")
             cb = [scheduler(args, dm, 1.0 if row == "bds_ref" else 0.0)] if row in ("bds", "bds_ref", "weighted_only") else []
-            row_dm = data(args, ratio, seed, fold, finetune_subset=subsets[row]) if row in subsets else dm
+            row_dm = user(ratio, seed, fold, finetune_subset=subsets[row]) if row in subsets else dm
             timer = fit(m, row_dm, args.epochs, cb)
             if row in out["steps"]:
                 out["steps"][row] += timer.gaps()
@@ -305,7 +307,10 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--align-epochs", type=int, default=3)
     parser.add_argument("--num-finetune", type=int, default=96,
                         help="chosen on the validation fold by benchmarks/bds_attack.py (results/bds_attack.json)")
-    parser.add_argument("--num-alignment", type=int, default=40)
+    parser.add_argument("--num-alignment", type=int, default=40, help="refusals of the alignment stage")
+    parser.add_argument("--finetune-alignment", type=int, default=40,
+                        help="alignment rows the provider mixes into the user's fine-tuning (the first of the stage's; "
+                             "chosen on the validation fold by benchmarks/bds_defender.py)")
     parser.add_argument("--num-eval", type=int, default=80,
                         help="held-out harmful prompts per seed (disjoint test folds in [0, 240))")
     parser.add_argument("--num-task", type=int, default=40)

@@ -123,11 +123,10 @@ def summarise(args: argparse.Namespace, raw: list[dict]) -> dict:
             "validation_fold": list(VALIDATION_FOLD)}
 
 
-def main() -> None:
-    parser = build_parser(__doc__)
-    parser.add_argument("--candidates", type=candidate, nargs="+", default=[(48, 2), (96, 2), (96, 4)],
-                        help="fine-tuning sizes to compare, <num_finetune>x<epochs>")
-    args = parser.parse_args()
+def run_study(args: argparse.Namespace, run_seed, summarise) -> None:
+    """A validation study's seeds (or ``--merge`` of per-seed runs), its summary and its files (also for
+    ``benchmarks/bds_defender.py``): ``run_seed(args, seed, adapter, judge, sink, saved)`` measures one seed,
+    ``summarise(args, raw)`` reads the choice off the per-seed values."""
     torch.set_num_threads(args.threads)
     raw, sink = read_raw(args.merge) if args.merge else ([], [])
     if args.merge:
@@ -141,11 +140,18 @@ def main() -> None:
         write_raw(args.out, raw, sink)
     results = {"settings": json.loads(json.dumps(vars(args), default=str)), **summarise(args, raw),
                "seeds": args.seeds, "wall_s_per_seed": [r.get("wall_s") for r in raw],
-               "code": str(Path(__file__).relative_to(REPO))}
+               "code": str(Path(sys.argv[0]).resolve().relative_to(REPO))}
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = build_parser(__doc__)
+    parser.add_argument("--candidates", type=candidate, nargs="+", default=[(48, 2), (96, 2), (96, 4)],
+                        help="fine-tuning sizes to compare, <num_finetune>x<epochs>")
+    run_study(parser.parse_args(), run_seed, summarise)
 
 
 if __name__ == "__main__":

@@ -319,7 +319,7 @@ class BDSDataModule(L.LightningDataModule):
                           collate_fn=_GenerationCollate(self.tokenizer, self.formatter, kind))
 
     def train_dataloader(self) -> CombinedLoader:
-        # The fine-tuning set defines the epoch; the alignment set cycles (release: both 1000 rows).
+        # max_size_cycle: the longer loader defines the epoch and the shorter one cycles (release: both 1000 rows).
         return CombinedLoader({"ft": self._supervised("ft"), "align": self._supervised("align")}, mode="max_size_cycle")
 
     def val_dataloader(self) -> list[DataLoader]:

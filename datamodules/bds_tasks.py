@@ -71,6 +71,10 @@ EVAL_POOL = 320
 """Harmful prompts reserved for evaluation whatever the seed: never in any fine-tuning or alignment set.
 ``benchmarks/bds.py`` reads three test folds of 80 from [0, 240) and chooses its attack size on the validation
 fold [240, 320), so that no setting is tuned on a prompt it is scored on."""
+ALIGNMENT_POOL = 40
+"""Harmful prompts after the held-out pool kept for the alignment set: an alignment set of at most this many
+never changes the fine-tuning draw, so a smaller defender set is compared on the same user data
+(``benchmarks/bds_defender.py``)."""
 SPLIT_SEED = 0
 """The held-out / alignment / fine-tuning split of the harmful prompts is fixed; ``seed`` only draws within it,
 so that an aligned model trained once is evaluated on prompts it never saw for every seed."""
@@ -82,7 +86,8 @@ def demo_sets(counts: dict[str, int], seed: int, eval_offset: int = 0) -> dict[s
     The harmful prompts (HarmBench + Do-Not-Answer, at most ``MAX_PROMPT_CHARS`` characters) are shuffled
     once with ``SPLIT_SEED``: the first ``EVAL_POOL`` are held out (``eval_harmful`` takes
     ``counts["eval_harmful"]`` of them from ``eval_offset`` on), the next ``counts["alignment"]`` form the
-    alignment set, and the fine-tuning rows are drawn with ``seed`` from the rest. ``helpful`` holds
+    alignment set (a prefix of the same prompts and refusals whatever its size), and the fine-tuning rows are
+    drawn with ``seed`` from those after ``max(counts["alignment"], ALIGNMENT_POOL)``. ``helpful`` holds
     harmless instructions (ollama-forge) for the helpful half of an alignment stage, disjoint from all else.
     """
     from datamodules.sources import harmful_prompts, harmless_prompts
@@ -95,7 +100,8 @@ def demo_sets(counts: dict[str, int], seed: int, eval_offset: int = 0) -> dict[s
         raise ValueError(f"data.init_args.eval_offset + num_eval_harmful = {eval_offset + n_eval} exceeds the "
                          f"{EVAL_POOL} held-out demo prompts")
     eval_prompts = prompts[eval_offset : eval_offset + n_eval]
-    align_prompts, pool = prompts[EVAL_POOL : EVAL_POOL + n_align], prompts[EVAL_POOL + n_align :]
+    align_prompts = prompts[EVAL_POOL : EVAL_POOL + n_align]
+    pool = prompts[EVAL_POOL + max(n_align, ALIGNMENT_POOL) :]
     if n_ft > len(pool):
         raise ValueError(f"the demo has {len(pool)} harmful prompts left for fine-tuning after {EVAL_POOL} held out "
                          f"and num_alignment = {n_align}; data.init_args.num_finetune = {n_ft} is too many")

@@ -92,3 +92,16 @@ def test_subset_alignment_stage_and_fixed_held_out_split(tmp_path) -> None:
     assert stage.num_finetune_samples == 31 and stage.raw["ft"][-1]["output"] == "Blue."
     with pytest.raises(ValueError, match="data.init_args.finetune_subset"):
         BDSDataModule(finetune_subset=[99], **KW).setup("fit")
+
+
+def test_a_smaller_alignment_set_is_a_prefix_and_leaves_the_fine_tuning_rows_alone() -> None:
+    from datamodules.bds_tasks import ALIGNMENT_POOL
+
+    sets = {n: BDSDataModule(harmful_ratio=0.3, **{**KW, "num_alignment": n}) for n in (4, ALIGNMENT_POOL, 60)}
+    for dm in sets.values():
+        dm.setup("fit")
+    small, pooled, large = (sets[n].raw for n in (4, ALIGNMENT_POOL, 60))
+    assert small["ft"] == pooled["ft"] and small["align"] == pooled["align"][:4]  # a weaker defender, same user data
+    assert large["align"][:ALIGNMENT_POOL] == pooled["align"]
+    harmful = {r["instruction"] for r in large["ft"] if r["source"] == SOURCE_HARMFUL}
+    assert not harmful & {r["instruction"] for r in large["align"]}  # beyond the pool the draw moves on, still disjoint
