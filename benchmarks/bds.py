@@ -14,7 +14,8 @@ Protocol (same model, data and seeds for every row):
    (self-distillation keeps it helpful), merged into the base for every later row (``init_adapter``).
 2. Per seed and harmful ratio p, the user's mix of arithmetic word problems and harmful prompts with
    compliance answers of the same length and step format; rows: ``aligned`` (no fine-tuning),
-   ``clean`` (SFT at p = 0), ``sft``, ``mix`` (alignment data + mix), ``oracle`` (mix without the
+   ``clean`` (SFT at p = 0), ``sft``, ``mix`` (the first ``--finetune-alignment`` refusals of the stage + mix:
+   4, a weak defender chosen on the validation fold by ``benchmarks/bds_defender.py``), ``oracle`` (mix without the
    harmful rows), ``bds`` (scalar scheduler), ``bds_ref`` (plus the reference adapter theta', lambda 1),
    ``weighted_only`` (scheduler, no alignment loss) and ``loss_filter`` (mix without the top-p fraction
    by the aligned model's loss, a non-Bayesian baseline that knows p).
@@ -308,7 +309,7 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--num-finetune", type=int, default=96,
                         help="chosen on the validation fold by benchmarks/bds_attack.py (results/bds_attack.json)")
     parser.add_argument("--num-alignment", type=int, default=40, help="refusals of the alignment stage")
-    parser.add_argument("--finetune-alignment", type=int, default=40,
+    parser.add_argument("--finetune-alignment", type=int, default=4,
                         help="alignment rows the provider mixes into the user's fine-tuning (the first of the stage's; "
                              "chosen on the validation fold by benchmarks/bds_defender.py)")
     parser.add_argument("--num-eval", type=int, default=80,
