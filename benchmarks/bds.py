@@ -90,7 +90,7 @@ def data(args: argparse.Namespace, ratio: float, seed: int, fold: int, **kwargs)
 
 
 def module(args: argparse.Namespace, mode: str, adapter: str | None, **kwargs) -> BDSModule:
-    init = dict(model=str(smollm2_path()), dtype="bfloat16", lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
+    init = dict(model=str(smollm2_path()), dtype=args.dtype, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
                 lora_layers=args.lora_layers, mode=mode, lr=args.lr, weight_decay=0.1, init_adapter=adapter,
                 max_new_tokens=args.max_new_tokens, task_max_new_tokens=args.task_max_new_tokens, export_adapter=False)
     m = BDSModule(**{**init, **kwargs})
@@ -139,7 +139,7 @@ def score(gen: dict, judge: ResponseJudge, tag: dict, sink: list) -> dict[str, f
 
 def settings_hash(args: argparse.Namespace) -> str:
     keys = ("num_alignment", "align_epochs", "lr", "lora_r", "lora_layers", "batch_size", "helpful_tokens",
-            "prompt_format")
+            "prompt_format", "dtype")
     digest = hashlib.sha256(json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True).encode())
     for name in HASHED_CODE:
         digest.update((REPO / name).read_bytes())
@@ -328,6 +328,8 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="base weights; bfloat16 is fast only on CPUs with AVX512-BF16 or AMX, use float32 elsewhere")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="summarise the _raw.json files of runs over disjoint --seeds (with the same settings) into "
                              "--out instead of running: one process per seed runs them in parallel")
