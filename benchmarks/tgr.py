@@ -83,7 +83,7 @@ QUICK = dict(size=16, teachers=8, part=4, side=2, zoo_per_class=30, zoo_epochs=2
 # (30 per class >= 5 + 15). With 8, replay needed classes shared by the step's teachers and failed on
 # homogeneous multi-domain groups (disjoint MNIST/digits classes).
 # outer_lr: the release's 1e-3, as FREE's row uses. The committed results/tgr.json ran at 5e-3; on the meta-val
-# curves (seed 0, single and multi_domain zoos) 1e-3 gave 0.46-0.54 where 5e-3 gave 0.23-0.37 (docs/methods/tgr.md).
+# curves (seed 0, single and multi_domain zoos) 1e-3 gave 0.46-0.54 where 5e-3 gave 0.23-0.38 (docs/methods/tgr.md).
 TGR_ARGS = dict(hidden=32, nz=64, ngf=16, n_groups=4, teachers_per_step=3, images_per_class=10, inversion_steps=10,
                 augment_flip=False, outer_lr=1e-3, replay_k_shot=5, replay_q_query=5, replay_patience=0,
                 pool_capacity=100, probe="conv4", probe_epochs=10, fisher="batch", embedding_images_per_class=20,
