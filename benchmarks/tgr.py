@@ -141,11 +141,16 @@ def score(learner: Conv4, episodes: dict, cfg: dict) -> dict:
     return out
 
 
+def tgr_args(cfg: dict) -> dict:
+    """The TGR rows' module settings with this run's probe overrides (what the raw JSON records)."""
+    return {**TGR_ARGS, "inversion_steps": cfg["inversion_steps"], "outer_lr": cfg["outer_lr"]}
+
+
 def train_tgr(zoo: Path, cfg: dict, row: str) -> tuple[TGRModule, dict]:
     grouping, regularised = ROW_SETTINGS[row]
     module = TGRModule(zoo=str(zoo), grouping=grouping, replay_batches=cfg["replay_batches"],
                        episode_batch=cfg["episode_batch"], rng_seed=cfg["seed"],
-                       **{**TGR_ARGS, "inversion_steps": cfg["inversion_steps"], "outer_lr": cfg["outer_lr"]})
+                       **tgr_args(cfg))
     data = TGRData(source="glyphs", image_size=cfg["size"], per_class=40, k_shot=5, val_episodes=cfg["val_episodes"],
                    steps_per_epoch=cfg["val_every"], seed=cfg["seed"], probe_classes=PROBE_CLASSES)
     torch.manual_seed(cfg["seed"])
@@ -250,7 +255,7 @@ def main() -> None:
     zoos = build_zoos(cfg)
     free_cfg = {**cfg, "steps": cfg["steps"], "val_every": cfg["val_every"]}
     episodes = test_episodes(cfg)
-    raw: dict = {"config": cfg, "tgr_args": TGR_ARGS, "alpha": ALPHA, "free_args": FREE_ARGS, "rows": {},
+    raw: dict = {"config": cfg, "tgr_args": tgr_args(cfg), "alpha": ALPHA, "free_args": FREE_ARGS, "rows": {},
                  "training": {}, "zoos": {k: str(v) for k, v in zoos.items()}}
     extra = similarity_speedup(cfg, {k: v.shape for k, v in Conv4(1, 32, PROBE_CLASSES, cfg["size"]).state_dict().items()
                                      if "running" not in k and "num_batches" not in k})
