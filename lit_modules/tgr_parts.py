@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from core.atomic_write import atomic_write_bytes
 from core.packaged_models import default_cache_dir
 from core.state_hash import state_hash
 from core.task_embedding import check_probe_labels, teacher_embedding, train_probe
@@ -65,8 +66,8 @@ def build_probe(module: Any, data: Any) -> nn.Module:
         return probe.eval()
     probe = train_probe(images, labels, hp.probe_hidden, hp.probe_epochs)
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(file))
+        # atomic: runs of other seeds share the probe and may read it while this one writes
+        atomic_write_bytes(file, save({k: v.contiguous() for k, v in probe.state_dict().items()}))
     return probe
 
 
@@ -93,8 +94,7 @@ def zoo_similarity(module: Any, data: Any, n_models: int) -> Tensor:
             fisher = teacher_embedding(probe, images, labels, hp.fisher, seed=hp.rng_seed)
         fisher = {k: v.detach().cpu().contiguous() for k, v in fisher.items()}
         if file is not None:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            save_file(fisher, str(file))
+            atomic_write_bytes(file, save(fisher))
         embeddings.append(fisher)
     flat, segment = stack_embeddings(embeddings)
     return normalised_cosine_similarity(flat, segment)
