@@ -206,6 +206,24 @@ def summarise(raw: dict) -> dict:
                             "tgr_above_homogeneous_5shot": five["tgr"] > five["homogeneous"],
                             "tgr_above_free_5shot": five["tgr"] > five["free"]}
     out["targets"] = targets
+    out["paired_5shot"] = paired(raw, "5")
+    return out
+
+
+def paired(raw: dict, shot: str) -> dict:
+    """TGR minus each other row on the same episodes (a seed's rows share its episodes; ``--merge`` keeps the
+    order): ``{zoo: {other: {mean, ci95, seed_means}}}``, ProtoNet. The CI is over episodes and leaves out
+    the training-seed spread, which ``seed_means`` shows."""
+    out = {}
+    for zoo in ZOOS:
+        rows = raw["rows"].get(zoo, {})
+        if "tgr" not in rows:
+            continue
+        ours = torch.tensor(rows["tgr"][shot]["protonet"])
+        for other in [r for r in ROWS[1:] if r in rows]:
+            diff = ours - torch.tensor(rows[other][shot]["protonet"])
+            seeds = [a - b for a, b in zip(rows["tgr"][shot].get("seed_means", []), rows[other][shot].get("seed_means", []))]
+            out.setdefault(zoo, {})[other] = {**dict(zip(("mean", "ci95"), mean_ci95(diff))), "seed_means": seeds}
     return out
 
 
