@@ -82,8 +82,8 @@ QUICK = dict(size=16, teachers=8, part=4, side=2, zoo_per_class=30, zoo_epochs=2
 # images_per_class = k + q: each teacher's recovered batch alone fills a 5-way replay episode, as in the release
 # (30 per class >= 5 + 15). With 8, replay needed classes shared by the step's teachers and failed on
 # homogeneous multi-domain groups (disjoint MNIST/digits classes).
-# outer_lr: the release's 1e-3, as FREE's row uses. The committed results/tgr.json ran at 5e-3; on the meta-val
-# curves (seed 0, single and multi_domain zoos) 1e-3 gave 0.46-0.54 where 5e-3 gave 0.23-0.38 (docs/methods/tgr.md).
+# outer_lr: the release's 1e-3, as FREE's row uses. An earlier run at 5e-3 put 12 of 15 rows under the random-init
+# floor; on the meta-val curves (seed 0, single and multi_domain zoos) 1e-3 gave 0.46-0.54 where 5e-3 gave 0.23-0.38.
 TGR_ARGS = dict(hidden=32, nz=64, ngf=16, n_groups=4, teachers_per_step=3, images_per_class=10, inversion_steps=10,
                 augment_flip=False, outer_lr=1e-3, replay_k_shot=5, replay_q_query=5, replay_patience=0,
                 pool_capacity=100, probe="conv4", probe_epochs=10, fisher="batch", embedding_images_per_class=20,
