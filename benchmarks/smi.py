@@ -242,7 +242,20 @@ def quality(quick: bool, seeds: list[int] | None) -> tuple[dict, list[dict]]:
     return out, raw
 
 
-DEMO_KD_IMAGES, DEMO_KD_STEPS = 256, 480  # the demo's KD: demo_kd.yaml's 60 epochs of 8 batches of 32
+DEMO_KD_IMAGES = 256  # the demo's KD pools (demo_kd.yaml's 8 batches of 32)
+DEMO_KD_GRID = tuple((t, steps) for t in (1.0, 4.0, 20.0) for steps in (120, 480))  # (temperature, SGD steps)
+
+
+def demo_kd_setting() -> tuple[float, int]:
+    """The demo's KD (temperature, steps): the best real-data ceiling on the validation split.
+
+    Chosen per teacher because the best temperature moves with the teacher's training run (T = 4 for one
+    machine's teacher, T = 1 for another's, where T = 4 let 256 real images teach only 0.32). The choice
+    reads the ceiling row only, never the noise / dense / sparse rows it is compared across.
+    """
+    real = data("real", None, DEMO_KD_IMAGES, 0)
+    scores = {setting: distil(real, 0, setting[1], setting[0], "val") for setting in DEMO_KD_GRID}
+    return max(scores, key=scores.get)
 
 
 def demo_summary() -> None:
@@ -250,14 +263,15 @@ def demo_summary() -> None:
     run = REPO / "runs" / "smi" / "demo"
     pools = {"dense": run / "inverted_dense", "sparse": run / "inverted"}
     rows = {}
-    kd_t = demo_config("demo_kd.yaml")["model"]["init_args"]["temperature"]
+    kd_t, kd_steps = demo_kd_setting()
     ptq_args = demo_config("demo_ptq.yaml")["model"]["init_args"]
     bits, granularity = ptq_args["act_bits"], ptq_args.get("weight_granularity", "channel")
     for source in ("noise", "dense", "sparse", "real"):
-        kd = distil(data(source, pools.get(source), DEMO_KD_IMAGES, 0), 0, DEMO_KD_STEPS, kd_t, "test")
+        kd = distil(data(source, pools.get(source), DEMO_KD_IMAGES, 0), 0, kd_steps, kd_t, "test")
         ptq, fp = quantise(data(source, pools.get(source), 32, 0, batch_size=32), (bits, granularity), "test")
         rows[source] = (kd, ptq)
-    print(f"\nSMI demo on real MNIST-5k test digits (teacher: {fp:.3f})")
+    print(f"\nSMI demo on real MNIST-5k test digits (teacher: {fp:.3f}; KD at T = {kd_t:g}, {kd_steps} steps,"
+          " chosen by the real-data ceiling on validation)")
     print(f"{'training images':<18}{'KD student acc':>16}{f'PTQ W4/A{bits} acc':>18}")
     for source, (kd, ptq) in rows.items():
         print(f"{source:<18}{kd:>16.3f}{ptq:>18.3f}")

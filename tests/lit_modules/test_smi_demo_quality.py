@@ -2,10 +2,12 @@
 
 These read the teacher, student and pools `make demo` writes under runs/smi/demo (minutes to build, so
 not built here); without them the tests are skipped. KD follows the demo summary's own protocol
-(``benchmarks.smi.demo_summary``: 256 pool images, 480 SGD steps at demo_kd.yaml's temperature), on the
-validation split instead of test. The bounds are loose: `make demo` in a fresh clone measured sparse KD
-0.286 against noise 0.098 on test (a gap of 0.19; the bound is 0.08; on validation 0.210 against 0.102),
-and W4/A8 PTQ 0.806 against 0.762.
+(``benchmarks.smi.demo_summary``: 256 pool images, the temperature and step count that
+``demo_kd_setting`` picks by the real-data ceiling on validation), on the validation split instead of test.
+The bounds are loose for the first teacher they were set on: `make demo` there measured sparse KD 0.286
+against noise 0.098 on test (bound 0.08), and W4/A8 PTQ 0.806 against 0.762. On a second machine's teacher
+(test accuracy 0.830) the margins are narrower: sparse 0.222 against noise 0.120 on validation at T = 1 and
+120 steps. With the earlier fixed T = 4 and 480 steps it was 0.172 against 0.102, and the KD test failed.
 An earlier version trained KD for 30 epochs on 128 images, a protocol nothing else measured; on the demo's
 artefacts that gave 0.112 against noise 0.120 and failed.
 """
@@ -53,10 +55,10 @@ def pool(source: str, images: int) -> SMIDataModule:
 
 
 def test_kd_on_the_demo_pool_beats_the_noise_floor() -> None:
-    from benchmarks.smi import DEMO_KD_IMAGES, DEMO_KD_STEPS, data, distil
+    from benchmarks.smi import DEMO_KD_IMAGES, data, demo_kd_setting, distil
 
-    temperature = config("demo_kd.yaml")["model"]["init_args"]["temperature"]
-    accs = {source: distil(data(source, DEMO / "inverted", DEMO_KD_IMAGES, 0), 0, DEMO_KD_STEPS, temperature, "val")
+    temperature, steps = demo_kd_setting()
+    accs = {source: distil(data(source, DEMO / "inverted", DEMO_KD_IMAGES, 0), 0, steps, temperature, "val")
             for source in ("noise", "sparse")}
     assert accs["sparse"] >= accs["noise"] + KD_MARGIN, accs
 
