@@ -47,7 +47,7 @@ def normalised_cosine_similarity(flat: Tensor, segment: Tensor, eps: float = 1e-
         segment: (P,) tensor id of every entry, contiguous runs (the average runs over tensors, not entries).
         eps: the release's 1e-6 in the normalisation.
         block_elements: rows x columns x entries of one block; 2**17 floats (512 KiB) stay in a core's L2
-            cache, which measured 1.7x faster than 2**20 at N = 100 on the Conv4 probe.
+            cache (at N = 100 on the Conv4 probe, 2**16 took 0.34 s and 2**20 0.51 s of the earlier pow form).
     """
     n = flat.shape[0]
     counts = torch.bincount(segment).tolist()
