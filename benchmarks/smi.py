@@ -176,6 +176,12 @@ def kd_on_val(pools: dict, source: str, budget: int, grid: list[tuple[float, int
     return {f"T{t}/{n}": statistics.mean(acc(seed, t, n) for seed in pools) for t, n in grid}
 
 
+def best_kd(grid: dict[str, float]) -> tuple[float, int]:
+    """(temperature, steps) of the best ``"T<t>/<steps>"`` entry of a ``kd_on_val`` grid."""
+    temperature, steps = max(grid, key=grid.get)[1:].split("/")
+    return float(temperature), int(steps)
+
+
 def tune(pools: dict, budget: int, kd_grid: list[tuple[float, int]], settings: list[tuple[int, str]]) -> dict:
     """Choices on the validation split, never on test.
     KD: the temperature and step budget per training source (noise and real included, so the floor and the
@@ -188,8 +194,8 @@ def tune(pools: dict, budget: int, kd_grid: list[tuple[float, int]], settings: l
     kd = {source: kd_on_val(pools, source, budget, kd_grid) for source in SOURCES}
     kd_choice = {}
     for source, grid in kd.items():
-        temperature, steps = max(grid, key=grid.get)[1:].split("/")
-        kd_choice[source] = {"temperature": float(temperature), "steps": int(steps)}
+        temperature, steps = best_kd(grid)
+        kd_choice[source] = {"temperature": temperature, "steps": steps}
     ptq = {f"A{a}/{g}": ptq_on_val((a, g)) for a, g in settings}
     usable = [k for k, v in ptq.items() if v["real"] >= 0.5 * v["float"]] or list(ptq)
     best = max(usable, key=lambda k: ptq[k]["gap"])
@@ -253,9 +259,7 @@ def demo_kd_setting() -> tuple[float, int]:
     machine's teacher, T = 1 for another's, where T = 4 let 256 real images teach only 0.32). The choice
     reads the ceiling row only, never the noise / dense / sparse rows it is compared across.
     """
-    real = data("real", None, DEMO_KD_IMAGES, 0)
-    scores = {setting: distil(real, 0, setting[1], setting[0], "val") for setting in DEMO_KD_GRID}
-    return max(scores, key=scores.get)
+    return best_kd(kd_on_val({0: {}}, "real", DEMO_KD_IMAGES, list(DEMO_KD_GRID)))  # seed 0's real draw
 
 
 def demo_summary() -> None:
