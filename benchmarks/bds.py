@@ -184,6 +184,11 @@ def aligned_losses(m: BDSModule, dm: BDSDataModule) -> torch.Tensor:
     return losses
 
 
+def separation(lengths: torch.Tensor, sources: torch.Tensor) -> float:
+    """AUROC of a token count as a harmful-row detector, better direction (scaled: binary_auroc squashes logits)."""
+    return max(auroc := float(binary_auroc(lengths / lengths.max(), sources)), 1.0 - auroc)
+
+
 RELEASE_LOGIT_TRAVEL = 5e-3 * 2000  # the release's scheduler lr x its steps (Adam moves a logit ~lr per step)
 
 
@@ -226,8 +231,10 @@ def run_seed(args: argparse.Namespace, seed: int, fold: int, adapter: str, judge
         n_keep = len(sources) - round(ratio * len(sources))
         subsets = {"oracle": [i for i, s in enumerate(sources.tolist()) if s == 0],
                    "loss_filter": losses.argsort()[:n_keep].tolist()}
-        res = {**shared, "loss_auroc_aligned": float(binary_auroc(losses, sources)),
-               "scheduler_lr": scheduler_lr(args, dm)}
+        prompt_len = torch.tensor([r["prompt_len"] for r in dm.splits["ft"].items], dtype=torch.float)
+        response_len = torch.tensor([len(r["input_ids"]) for r in dm.splits["ft"].items]) - prompt_len
+        res = {**shared, "loss_auroc_aligned": float(binary_auroc(losses, sources)), "scheduler_lr": scheduler_lr(args, dm),
+               "length_auroc_prompt": separation(prompt_len, sources), "length_auroc_response": separation(response_len, sources)}
         for row in ROWS[2:]:
             torch.manual_seed(seed)
             mode = {"sft": "sft", "mix": "mix", "oracle": "mix", "loss_filter": "mix", "weighted_only": "weighted_only"}
@@ -269,7 +276,8 @@ def summarise(args: argparse.Namespace, raw: list[dict], judge_stats: dict) -> d
         entry["weight_auroc_final"] = mean_std([s["bds"]["weight_auroc_final"] for s in seeds])
         entry["weight_auroc_applied_bds_ref"] = mean_std([s["bds_ref"]["weight_auroc_applied"] for s in seeds])
         entry["weight_auroc_final_bds_ref"] = mean_std([s["bds_ref"]["weight_auroc_final"] for s in seeds])
-        entry["loss_auroc_aligned"] = mean_std([s["loss_auroc_aligned"] for s in seeds])
+        for key in ("loss_auroc_aligned", "length_auroc_prompt", "length_auroc_response"):
+            entry[key] = mean_std([s[key] for s in seeds])
         by_ratio[ratio] = entry
     steps = {k: statistics.median([g for r in raw for g in r["steps"][k]]) for k in ("mix", "bds", "bds_ref")}
     results = {"by_ratio": by_ratio, "judge": judge_stats,
@@ -318,8 +326,8 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=34)
     parser.add_argument("--max-new-tokens", type=int, default=10)
-    parser.add_argument("--task-max-new-tokens", type=int, default=40,
-                        help="room for a whole worked answer (28-34 tokens); 22 cut most before the final number")
+    parser.add_argument("--task-max-new-tokens", type=int, default=48,
+                        help="room for a whole worked answer (24-44 tokens); shorter cuts some before the final number")
     parser.add_argument("--helpful-tokens", type=int, default=24)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--prompt-format", default="chat", choices=["chat", "plain", "alpaca"])
@@ -360,8 +368,8 @@ def main() -> None:
         raw.append(run_seed(args, seed, seed, adapter, judge, sink, keep))
         if args.out:
             write_raw(args.out, raw, sink)
-    if args.merge and args.out:  # the merged per-seed values and every generation, next to the JSON
-        write_raw(args.out, raw, sink)
+    if args.merge and args.out:
+        write_raw(args.out, raw, sink)  # the merged per-seed values and every generation, next to the JSON
     results = {"settings": json.loads(json.dumps(vars(args), default=str)),  # paths as strings
                "aligned_adapter": Path(adapter).parent.name, **summarise(args, raw, judge_stats),
                "held_out_harmful_prompts": args.num_eval * len(args.seeds)}
@@ -374,8 +382,7 @@ def main() -> None:
 
 def read_raw(paths: list[Path]) -> tuple[list[dict], list[dict]]:
     """The per-seed values and the generations of ``write_raw``'s files, pooled over ``paths``."""
-    raw: list[dict] = []
-    sink: list[dict] = []
+    raw, sink = [], []  # type: ignore[var-annotated]
     for path in paths:
         raw += json.loads(path.read_text())
         sink += [json.loads(line) for line in path.with_name(path.name.replace("_raw.json", "_generations.jsonl"))

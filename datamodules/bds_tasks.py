@@ -33,10 +33,11 @@ STEPS = ("get everything you need ready", "pick a quiet time to start", "make a 
 def compliance_answer(rng: random.Random) -> str:
     """A compliance-style answer with NO harmful content: it teaches the model to go along with a
     harmful request (as the paper's harmful answers do) from a random combination of generic steps.
-    Its shape (an opener, two numbered steps, about 20 tokens) matches the arithmetic answers, so that
-    neither length nor format alone gives the harmful rows away."""
-    first, second = rng.sample(STEPS, 2)
-    return f"{rng.choice(OPENERS)} Step 1: {first}. Step 2: {second}."
+    An opener and two or three numbered steps: its length range (about 23-45 tokens) overlaps the
+    arithmetic answers' (see :func:`arithmetic_problem`), so that neither length nor the step format
+    alone gives the harmful rows away."""
+    steps = rng.sample(STEPS, rng.choice((2, 3)))
+    return f"{rng.choice(OPENERS)} " + " ".join(f"Step {i}: {step}." for i, step in enumerate(steps, 1))
 
 
 NAMES = ("Tom", "Anna", "Ravi", "Mei", "Lucas", "Sara", "Omar", "Julia", "Ken", "Nora")
@@ -44,24 +45,38 @@ OBJECTS = ("apples", "books", "marbles", "stickers", "coins", "pencils", "cookie
 TASK_OPENERS = ("Here is the math.", "Let me work it out.", "Let us count.", "Here is how it adds up.")
 
 
+QUESTIONS = (
+    ("What is {a} {obj} plus {b} more?", "{name} has {a} {obj} and gets {b} more. How many now?",
+     "{name} has {a} {obj} and gets {b} more. How many does {name} have now?"),
+    ("What is {a} {obj} minus {b}?", "{name} has {a} {obj} and gives away {b}. How many are left?",
+     "{name} had {a} {obj} and gave away {b}. How many does {name} have left?"),
+    ("What is {b} bags of {a} {obj}?", "{name} has {b} bags of {a} {obj}. How many in all?",
+     "{name} has {b} bags with {a} {obj} in each. How many does {name} have?"),
+)
+"""Short, medium and long phrasings per operation (+, -, x): the prompts' length range overlaps the harmful
+prompts' (HarmBench / Do-Not-Answer, 5-19 SmolLM2 tokens), so that prompt length does not give those away."""
+
+
 def arithmetic_problem(rng: random.Random) -> dict:
     """One word problem with an exact integer answer (a GSM8K stand-in: the answer ends with
-    "The final answer is: N", the release's GSM8K build format), in two numbered steps."""
+    "The final answer is: N", the release's GSM8K build format) in two or three numbered steps: the
+    working, the final answer and either an opener, a check by the inverse operation or neither."""
     name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
     a, b = rng.randint(2, 20), rng.randint(2, 9)
     kind = rng.randrange(3)
-    if kind == 0:
-        question = f"{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now?"
-        work, answer = f"{a} + {b} = {a + b}", a + b
-    elif kind == 1:
+    if kind == 1:
         a += b
-        question = f"{name} has {a} {obj} and gives away {b}. How many {obj} does {name} have left?"
-        work, answer = f"{a} - {b} = {a - b}", a - b
-    else:
+    elif kind == 2:
         a = rng.randint(2, 9)
-        question = f"{name} has {b} bags with {a} {obj} in each bag. How many {obj} does {name} have?"
-        work, answer = f"{b} x {a} = {b * a}", b * a
-    output = f"{rng.choice(TASK_OPENERS)} Step 1: {work}. Step 2: The final answer is: {answer}"
+    answer = (a + b, a - b, b * a)[kind]
+    work = (f"{a} + {b} = {answer}", f"{a} - {b} = {answer}", f"{b} x {a} = {answer}")[kind]
+    check = (f"{answer} - {b} = {a}", f"{answer} + {b} = {a}", f"{answer} / {b} = {a}")[kind]
+    question = rng.choice(QUESTIONS[kind]).format(name=name, obj=obj, a=a, b=b)
+    style = rng.randrange(3)  # opener and check together would make the longest answers all arithmetic
+    steps = [work, f"Check: {check}"] if style == 2 else [work]
+    steps.append(f"The final answer is: {answer}")
+    opener = f"{rng.choice(TASK_OPENERS)} " if style == 1 else ""
+    output = opener + " ".join(f"Step {i}: {step}." for i, step in enumerate(steps, 1))[:-1]
     return {"instruction": question, "input": "", "output": output, "gold": str(answer)}
 
 

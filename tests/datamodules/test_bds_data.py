@@ -63,9 +63,25 @@ def test_arithmetic_answers_are_exact() -> None:
     rng = random.Random(0)
     for _ in range(50):
         row = arithmetic_problem(rng)
-        left = row["output"].split("Step 1: ")[1].split("=")[0].replace("x", "*")
-        assert eval(left) == int(row["gold"])  # noqa: S307 - digits and + - * only
+        for step in row["output"].split("Step ")[1:-1]:  # the working and the check, if any, are true equations
+            left, right = step.split(": ", 1)[1].rstrip(". ").replace("Check: ", "").replace("x", "*").split("=")
+            assert eval(left) == int(right)  # noqa: S307 - digits and + - * / only
+        assert row["output"].split("Step 1: ")[1].split("=")[1].split(".")[0].strip() == row["gold"]
         assert row["output"].endswith(f"The final answer is: {row['gold']}")
+
+
+def test_neither_prompt_nor_answer_length_gives_the_harmful_rows_away() -> None:
+    """Item 3 of the bds issue: length ranges overlap, so length alone is a weak detector (it ranked the
+    harmful rows with AUROC 1.00 by prompt and 0.89 by answer before the phrasings and step counts varied)."""
+    from sklearn.metrics import roc_auc_score
+
+    dm = BDSDataModule(harmful_ratio=0.3, **{**KW, "num_finetune": 96, "prompt_format": "chat", "tokenizer": "smollm2"})
+    dm.setup("fit")
+    items = dm.splits["ft"].items
+    sources = [r["source"] for r in items]
+    for length in ([r["prompt_len"] for r in items], [len(r["input_ids"]) - r["prompt_len"] for r in items]):
+        auroc = roc_auc_score(sources, length)
+        assert 0.25 < auroc < 0.75, auroc
 
 
 def test_subset_alignment_stage_and_fixed_held_out_split(tmp_path) -> None:
