@@ -312,7 +312,7 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON (+ _raw.json, _generations.jsonl)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4, help="with --num-finetune: chosen by benchmarks/bds_attack.py")
     parser.add_argument("--align-epochs", type=int, default=3)
     parser.add_argument("--num-finetune", type=int, default=96,
                         help="chosen on the validation fold by benchmarks/bds_attack.py (results/bds_attack.json)")
