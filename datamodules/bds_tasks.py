@@ -76,7 +76,7 @@ def arithmetic_problem(rng: random.Random) -> dict:
     steps = [work, f"Check: {check}"] if style == 2 else [work]
     steps.append(f"The final answer is: {answer}")
     opener = f"{rng.choice(TASK_OPENERS)} " if style == 1 else ""
-    output = opener + " ".join(f"Step {i}: {step}." for i, step in enumerate(steps, 1))[:-1]
+    output = opener + " ".join(f"Step {i}: {step}." for i, step in enumerate(steps, 1)).removesuffix(".")
     return {"instruction": question, "input": "", "output": output, "gold": str(answer)}
 
 
