@@ -44,13 +44,20 @@ demo-refresh: $(STAMP)
 	$(PY) train.py fit --config configs/refresh/demo.yaml
 	$(PY) train.py fit --config configs/refresh/demo.yaml --config configs/refresh/demo_digits.yaml
 
-# BDS on SmolLM2-135M-Instruct: scalar scheduler, then the neural scheduler trained and transferred
-# to a fresh mix without retraining. The first line converts the packaged GGUF once (~20 s).
+# BDS on SmolLM2-135M-Instruct under the benchmark's threat model: the provider's aligned start (cached alignment
+# stage), then the user's poisoned fine-tuning as SFT, naive mixing, BDS with the scalar scheduler, the neural
+# scheduler and that scheduler transferred frozen to a fresh mix; a table at the end. The first line converts the
+# packaged GGUF once (~20 s).
+BDS_DEMO := $(PY) train.py fit --config configs/bds/demo.yaml
 demo-bds: $(STAMP)
 	$(PY) -c "from datamodules.sources import smollm2_path; smollm2_path()"
-	$(PY) train.py fit --config configs/bds/demo.yaml
-	$(PY) train.py fit --config configs/bds/demo.yaml --config configs/bds/demo_neural.yaml
-	$(PY) train.py fit --config configs/bds/demo.yaml --config configs/bds/demo_neural_transfer.yaml
+	a=$$($(PY) benchmarks/bds_demo.py --aligned-adapter) && \
+	$(PY) train.py validate --config configs/bds/demo.yaml --config configs/bds/demo_aligned.yaml --model.init_args.init_adapter=$$a && \
+	for stage in sft mix; do $(BDS_DEMO) --config configs/bds/demo_$$stage.yaml --model.init_args.init_adapter=$$a || exit 1; done && \
+	$(BDS_DEMO) --model.init_args.init_adapter=$$a && \
+	$(BDS_DEMO) --config configs/bds/demo_neural.yaml --model.init_args.init_adapter=$$a && \
+	$(BDS_DEMO) --config configs/bds/demo_neural_transfer.yaml --model.init_args.init_adapter=$$a
+	$(PY) benchmarks/bds_demo.py
 
 # Model merging: pre-train theta_0 broadly, fine-tune 6 experts, evaluate the plain task-arithmetic
 # merge, then SurgeryV2 and Surgery V1 on it (each writes export/ with weights, card and figures under
