@@ -53,7 +53,8 @@ demo-bds: $(STAMP)
 	$(PY) -c "from datamodules.sources import smollm2_path; smollm2_path()"
 	a=$$($(PY) benchmarks/bds_demo.py --aligned-adapter) && \
 	$(PY) train.py validate --config configs/bds/demo.yaml --config configs/bds/demo_aligned.yaml --model.init_args.init_adapter=$$a && \
-	for stage in sft mix; do $(BDS_DEMO) --config configs/bds/demo_$$stage.yaml --model.init_args.init_adapter=$$a || exit 1; done && \
+	$(BDS_DEMO) --config configs/bds/demo_sft.yaml --model.init_args.init_adapter=$$a && \
+	$(BDS_DEMO) --config configs/bds/demo_mix.yaml --model.init_args.init_adapter=$$a && \
 	$(BDS_DEMO) --model.init_args.init_adapter=$$a && \
 	$(BDS_DEMO) --config configs/bds/demo_neural.yaml --model.init_args.init_adapter=$$a && \
 	$(BDS_DEMO) --config configs/bds/demo_neural_transfer.yaml --model.init_args.init_adapter=$$a
